@@ -1,0 +1,3 @@
+from catdog_hpo.cli import main
+
+raise SystemExit(main())

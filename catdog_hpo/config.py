@@ -1,0 +1,282 @@
+"""Typed, frozen configs: the one shape a trial, a training run and an export share.
+
+Everything here is plain Python (no torch, no optuna): the search space turns a trial into a
+``TrialConfig``, ``train`` and ``retrain`` read one from a file, and ``export`` writes one out.
+``from_dict`` checks every key and value at the boundary and names the bad one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from catdog_hpo.errors import ConfigError
+
+# Version of the on-disk config/export format; a file with another version is refused.
+FORMAT_VERSION = 1
+
+# The choices each field accepts; the CLI, the search spaces and the builders share these keys.
+FAMILIES = ("cnn", "resnet18")
+ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu")
+POOLS = ("max", "avg")
+HEADS = ("gap", "fc")
+KERNEL_SIZES = (1, 3, 5, 7)
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULERS = ("none", "step", "cosine", "onecycle", "plateau")
+CROPS = ("none", "resized", "pad")
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """One conv block of the VGG-like family: ``convs`` convolutions, then one pooling."""
+
+    channels: int = 32
+    kernel_size: int = 3
+    convs: int = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str = "cnn"
+    # VGG-like family ("cnn"); the seed: three 3x3 blocks of 32/64/128 channels.
+    blocks: tuple[BlockConfig, ...] = (BlockConfig(32), BlockConfig(64), BlockConfig(128))
+    batch_norm: bool = True
+    activation: str = "relu"
+    pool: str = "max"
+    head: str = "fc"  # "gap": global average pool -> linear; "fc": flatten -> hidden -> linear
+    fc_hidden: int = 512  # units of the hidden layer of the "fc" head (and resnet18's head, if > 0)
+    dropout: float = 0.5  # before the classifier
+    # ResNet-18 ("resnet18")
+    pretrained: bool = False  # ImageNet weights through torchvision's weights API (downloads)
+    weights_file: str = ""  # a local state dict instead of the download
+    freeze_backbone: bool = False  # train only the new head
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop: str = "resized"  # random resized crop, pad-and-crop, or none
+    flip: bool = True  # random horizontal flip
+    color_jitter: bool = False  # brightness/contrast/saturation jitter
+    strength: float = 0.5  # 0..1: how far crops, padding and jitter may go
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD and RMSprop only
+    nesterov: bool = False  # SGD only
+    scheduler: str = "step"
+    step_size: int = 5  # epochs between StepLR decays
+    gamma: float = 0.1  # StepLR decay factor
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    accum_steps: int = 1  # gradient accumulation: optimizer step every N batches
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    seed: int = 0
+    amp: bool = True  # bf16 autocast, CUDA only (ignored on the CPU)
+    compile: bool = False  # torch.compile, CUDA only
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one training run needs besides the data and the device."""
+
+    image_size: int = 64  # pixels, square
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- dict <-> config
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as plain JSON/YAML-ready data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """Build ``cls`` from ``data``, checking every key and type; errors name ``where.key``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    cfg = cls(**kwargs)
+    check = _CHECKS.get(cls)
+    if check is not None:
+        check(cfg, where)
+    return cfg
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise AssertionError(f"unions are not used in configs ({where})")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unhandled config type {tp} at {where}")
+
+
+def _one_of(where: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where}.{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _at_least(where: str, name: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{where}.{name}: {value!r} must be >= {low}")
+
+
+def _check_block(b: BlockConfig, where: str) -> None:
+    _at_least(where, "channels", b.channels, 1)
+    _one_of(where, "kernel_size", b.kernel_size, KERNEL_SIZES)
+    _at_least(where, "convs", b.convs, 1)
+
+
+def _check_model(m: ModelConfig, where: str) -> None:
+    _one_of(where, "family", m.family, FAMILIES)
+    _one_of(where, "activation", m.activation, ACTIVATIONS)
+    _one_of(where, "pool", m.pool, POOLS)
+    _one_of(where, "head", m.head, HEADS)
+    _at_least(where, "fc_hidden", m.fc_hidden, 0)
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"{where}.dropout: {m.dropout!r} must be in [0, 1)")
+    if m.family == "cnn" and not 1 <= len(m.blocks) <= 6:
+        raise ConfigError(f"{where}.blocks: {len(m.blocks)} blocks; the cnn family has 1 to 6")
+
+
+def _check_augment(a: AugmentConfig, where: str) -> None:
+    _one_of(where, "crop", a.crop, CROPS)
+    if not 0.0 <= a.strength <= 1.0:
+        raise ConfigError(f"{where}.strength: {a.strength!r} must be in [0, 1]")
+
+
+def _check_optim(o: OptimConfig, where: str) -> None:
+    _one_of(where, "name", o.name, OPTIMIZERS)
+    _one_of(where, "scheduler", o.scheduler, SCHEDULERS)
+    if not o.lr > 0:
+        raise ConfigError(f"{where}.lr: {o.lr!r} must be > 0")
+    _at_least(where, "weight_decay", o.weight_decay, 0.0)
+    _at_least(where, "step_size", o.step_size, 1)
+    if not 0.0 <= o.label_smoothing < 1.0:
+        raise ConfigError(f"{where}.label_smoothing: {o.label_smoothing!r} must be in [0, 1)")
+
+
+def _check_train(t: TrainConfig, where: str) -> None:
+    _at_least(where, "epochs", t.epochs, 1)
+    _at_least(where, "batch_size", t.batch_size, 1)
+    _at_least(where, "accum_steps", t.accum_steps, 1)
+    _at_least(where, "grad_clip", t.grad_clip, 0.0)
+
+
+def _check_trial(c: TrialConfig, where: str) -> None:
+    _at_least(where, "image_size", c.image_size, 8)
+
+
+_CHECKS = {
+    BlockConfig: _check_block,
+    ModelConfig: _check_model,
+    AugmentConfig: _check_augment,
+    OptimConfig: _check_optim,
+    TrainConfig: _check_train,
+    TrialConfig: _check_trial,
+}
+
+
+def replace_path(cfg_dict: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict in place (the search space writes its picks this way)."""
+    keys = dotted.split(".")
+    node = cfg_dict
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML or JSON file into a dict; a missing or unparsable file is a ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml  # lazy: only file-reading commands need it
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml and json raise many types; all mean "not parsable"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {first}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def write_mapping(path: Path, data: dict[str, Any]) -> None:
+    """Write YAML (``.yaml``/``.yml``) or JSON (anything else), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        text = yaml.safe_dump(data, sort_keys=False)
+    else:
+        text = json.dumps(data, indent=2) + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_trial_config(path: Path) -> TrialConfig:
+    """A ``TrialConfig`` from a config file, or from an export file (its ``config`` section)."""
+    data = read_mapping(path)
+    version = data.pop("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise ConfigError(
+            f"{path}: format_version {version!r}; this catdog-hpo reads version {FORMAT_VERSION}"
+        )
+    if "config" in data and isinstance(data["config"], dict):  # an export file
+        data = data["config"]
+    return from_dict(TrialConfig, data, where=str(path))

@@ -1,0 +1,45 @@
+"""Images in, one uint8 tensor out: folders and built-in datasets, decoded once and cached.
+
+Public API (the rest of the package uses only these):
+  DataSource   where the images come from (a folder or a built-in name) and how to split them
+  ImageSet     the decoded set: uint8 N x 3 x H x W tensors and int64 labels, train and val
+  load_images  DataSource + image size -> ImageSet, through the on-disk cache
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class DataSource:
+    path: str | None = None  # an image folder (ImageFolder layout), or
+    name: str | None = None  # a built-in dataset (catdog_hpo.data.builtin.DATASETS key)
+    val_fraction: float = 0.2  # held out when the folder has no train/val split
+    split_seed: int = 0
+    root: str = "studies/datasets"  # where built-in datasets download to / are read from
+
+    def describe(self) -> str:
+        return self.path if self.path is not None else f"dataset:{self.name}"
+
+
+@dataclass
+class ImageSet:
+    train_x: torch.Tensor  # uint8, N x 3 x H x W
+    train_y: torch.Tensor  # int64, N
+    val_x: torch.Tensor  # uint8, M x 3 x H x W
+    val_y: torch.Tensor  # int64, M
+    classes: tuple[str, ...]
+    fingerprint: str  # content hash of the inputs, the split and the size: the cache key
+    skipped: tuple[str, ...] = field(default=())  # files that could not be decoded
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_x.shape[-1])
+
+
+def load_images(source: DataSource, image_size: int, cache_dir: Path) -> ImageSet:
+    raise NotImplementedError
