@@ -1,0 +1,143 @@
+"""Batched augmentation on the device: uint8 B x 3 x H x W in, float32 normalised out.
+
+No per-image Python: every random draw is one tensor of B values from the caller's generator,
+and every geometric transform (random resized crop, pad-and-crop, horizontal flip) is one
+``F.affine_grid`` / ``F.grid_sample`` over the whole batch. Colour jitter (brightness,
+contrast, saturation) runs on [0, 1] values before normalisation; normalisation uses the
+ImageNet statistics so that pretrained ResNet weights see what they were trained on.
+
+Output pixels that fall outside the source image (pad-and-crop) are zero *after*
+normalisation, i.e. the dataset-mean colour, so padding carries no brightness signal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from catdog_hpo.config import AugmentConfig
+
+MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet channel means, [0, 1] scale
+STD: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet channel std devs, [0, 1] scale
+
+# Random resized crop at strength 1 matches torchvision's defaults: area 8%..100%, aspect 3/4..4/3.
+_MIN_AREA_AT_FULL = 0.08  # smallest crop area (fraction of the image) at strength 1
+_LOG_ASPECT_AT_FULL = math.log(4.0 / 3.0)  # widest log aspect ratio at strength 1
+_JITTER_AT_FULL = 0.4  # brightness/contrast/saturation factors in 1 +- 0.4 at strength 1
+_PAD_DIVISOR = 8  # pad-and-crop shifts by up to strength * H / 8 pixels
+_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights, as PIL and torchvision use
+
+
+def _norm_consts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, bias), each 1 x 3 x 1 x 1, so that uint8 * scale + bias == (x/255 - mean) / std."""
+    std = torch.tensor(STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return 1.0 / (255.0 * std), -mean / std
+
+
+def normalize_batch(x: torch.Tensor) -> torch.Tensor:
+    """uint8 B x 3 x H x W (any device) -> float32, ImageNet-normalised, same device and shape."""
+    assert x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3, (x.dtype, tuple(x.shape))
+    scale, bias = _norm_consts(x.device)
+    return torch.addcmul(bias, x.to(torch.float32), scale)  # one fused multiply-add
+
+
+def _uniform(gen: torch.Generator, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
+    """n floats uniform in [low, high) from ``gen`` (which must live on ``device``)."""
+    return torch.rand(n, generator=gen, device=device) * (high - low) + low
+
+
+def _flip_signs(gen: torch.Generator, n: int, device: torch.device) -> torch.Tensor:
+    """n values of +1 (keep) or -1 (mirror horizontally), each with probability 1/2."""
+    return torch.where(torch.rand(n, generator=gen, device=device) < 0.5, -1.0, 1.0)
+
+
+def _color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """Brightness, then contrast, then saturation, each by a factor in 1 +- 0.4*strength; x in [0, 1]."""
+    b, dev = x.shape[0], x.device
+    a = _JITTER_AT_FULL * strength
+    bright = _uniform(gen, b, 1 - a, 1 + a, dev).view(b, 1, 1, 1)
+    contrast = _uniform(gen, b, 1 - a, 1 + a, dev).view(b, 1, 1, 1)
+    sat = _uniform(gen, b, 1 - a, 1 + a, dev).view(b, 1, 1, 1)
+    luma = torch.tensor(_GRAY, dtype=x.dtype, device=dev).view(1, 3, 1, 1)
+    x = (x * bright).clamp_(0, 1)
+    mean_gray = (x * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)  # per-image mean luma
+    x = torch.lerp(mean_gray, x, contrast).clamp_(0, 1)  # contrast: blend with the mean grey
+    gray = (x * luma).sum(1, keepdim=True)  # per-pixel luma
+    return torch.lerp(gray, x, sat).clamp_(0, 1)  # saturation: blend with the greyscale image
+
+
+def _resized_crop_theta(b: int, strength: float, sign: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """B x 2 x 3 affine maps (output -> input, normalised coords) of random resized crops.
+
+    Crop area is uniform in [1 - 0.92*strength, 1] of the image and the aspect ratio
+    log-uniform in exp(+-strength*log(4/3)); a crop wider or taller than the image is clipped
+    to it. The crop centre is uniform over the positions that keep the crop inside the image.
+    """
+    dev = sign.device
+    area = _uniform(gen, b, 1 - (1 - _MIN_AREA_AT_FULL) * strength, 1.0, dev)
+    log_r = _uniform(gen, b, -_LOG_ASPECT_AT_FULL * strength, _LOG_ASPECT_AT_FULL * strength, dev)
+    ratio = torch.exp(log_r)  # width / height
+    w = torch.sqrt(area * ratio).clamp_(max=1.0)  # crop width as a fraction of the image width
+    h = torch.sqrt(area / ratio).clamp_(max=1.0)
+    cx = (torch.rand(b, generator=gen, device=dev) * 2 - 1) * (1 - w)  # keeps |cx| + w <= 1
+    cy = (torch.rand(b, generator=gen, device=dev) * 2 - 1) * (1 - h)
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0] = w * sign  # a negative x scale mirrors the crop: the flip costs nothing extra
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    return theta
+
+
+def _pad_crop_theta(
+    b: int, height: int, width: int, strength: float, sign: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
+    """B x 2 x 3 affine maps of whole-pixel translations by up to round(strength*H/8) pixels.
+
+    Equivalent to padding the image by that many pixels and taking a random crop of the original
+    size. Translations are whole pixels, so nearest sampling copies pixels exactly.
+    """
+    dev = sign.device
+    pad = round(strength * height / _PAD_DIVISOR)  # pixels
+    dx = torch.randint(-pad, pad + 1, (b,), generator=gen, device=dev).float()
+    dy = torch.randint(-pad, pad + 1, (b,), generator=gen, device=dev).float()
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0] = sign
+    theta[:, 0, 2] = 2 * dx / width  # one pixel is 2/W in normalised coordinates
+    theta[:, 1, 1] = 1.0
+    theta[:, 1, 2] = 2 * dy / height
+    return theta
+
+
+def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """uint8 B x 3 x H x W on the device -> augmented float32 normalised B x 3 x H x W.
+
+    ``gen`` must live on ``x.device``; the result is a pure function of ``x``, ``cfg`` and the
+    generator's state. crop="resized" | "pad" | "none" (then only flip and jitter apply).
+    """
+    assert x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3, (x.dtype, tuple(x.shape))
+    b, _, height, width = x.shape
+    dev = x.device
+    if cfg.color_jitter and cfg.strength > 0:
+        out = _color_jitter(x.to(torch.float32) / 255.0, cfg.strength, gen)
+        mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)
+        std = torch.tensor(STD, device=dev).view(1, 3, 1, 1)
+        out = (out - mean) / std
+    else:
+        out = normalize_batch(x)
+
+    sign = _flip_signs(gen, b, dev) if cfg.flip else torch.ones(b, device=dev)
+    if cfg.crop == "resized" and cfg.strength > 0:
+        theta, mode = _resized_crop_theta(b, cfg.strength, sign, gen), "bilinear"
+    elif cfg.crop == "pad" and round(cfg.strength * height / _PAD_DIVISOR) > 0:
+        theta, mode = _pad_crop_theta(b, height, width, cfg.strength, sign, gen), "nearest"
+    else:  # no geometric change besides the flip: an exact mirror is cheaper than a resample
+        if not cfg.flip:
+            return out
+        return torch.where((sign < 0).view(b, 1, 1, 1), out.flip(3), out)
+    grid = F.affine_grid(theta, [b, 3, height, width], align_corners=False)
+    # zeros padding == the mean colour, since ``out`` is already normalised
+    return F.grid_sample(out, grid, mode=mode, padding_mode="zeros", align_corners=False)

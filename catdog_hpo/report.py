@@ -1,0 +1,436 @@
+"""Read a study back: tables for `studies`/`show`, a trials CSV, and one offline HTML report.
+
+The HTML report is a single file with plotly.js inlined once, so it opens with no network:
+optimization history, intermediate values coloured by trial state, parallel coordinates,
+parameter importances, slice plots, the top trials, and (with ``compare``) the best-so-far
+curves of several studies against trial number and wall time.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from catdog_hpo.errors import UserError
+
+if TYPE_CHECKING:
+    import optuna
+    import pandas as pd
+    import plotly.graph_objects as go
+    from optuna.storages import BaseStorage
+    from optuna.trial import FrozenTrial
+
+# Trial states in the order tables show them (names of optuna.trial.TrialState).
+STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+STATE_COLORS = {"COMPLETE": "#1f77b4", "PRUNED": "#ff7f0e", "RUNNING": "#2ca02c", "FAIL": "#d62728"}
+# Fewer completed trials than this and importances are noise: the report shows a note instead.
+MIN_TRIALS_FOR_IMPORTANCE = 5
+# User attrs that get their own column, in this order, in the trials CSV.
+KEY_USER_ATTRS = ("n_params", "flops", "sec_per_epoch", "epochs_run", "best_epoch", "device",
+                  "fail_reason", "rejected")
+TOP_N = 10
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    html: Path
+    csv: Path
+
+
+# --------------------------------------------------------------------------- studies and trials
+
+
+def study_summaries(storage: BaseStorage) -> list[dict[str, Any]]:
+    """One row per study in ``storage`` (oldest first): name, sampler, space, counts, best, start."""
+    rows = []
+    for fs in sorted(storage.get_all_studies(), key=lambda s: s._study_id):
+        trials = storage.get_all_trials(fs._study_id, deepcopy=False)
+        counts = Counter(t.state.name for t in trials)
+        starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+        rows.append({
+            "name": fs.study_name,
+            "sampler": fs.user_attrs.get("sampler", "-"),
+            "space": fs.user_attrs.get("space", "-"),
+            **{state.lower(): counts.get(state, 0) for state in STATES},
+            "best": _best_value(trials, fs.directions),
+            "start": min(starts) if starts else None,
+        })
+    return rows
+
+
+def format_study_summaries(rows: list[dict[str, Any]]) -> str:
+    headers = ["name", "sampler", "space", "complete", "pruned", "fail", "running", "waiting",
+               "best", "started"]
+    body = [[r["name"], r["sampler"], r["space"], *(r[s.lower()] for s in STATES),
+             _fmt_value(r["best"]), _fmt_time(r["start"])] for r in rows]
+    return format_table(headers, body)
+
+
+def top_trials(study: optuna.Study, n: int = TOP_N) -> list[FrozenTrial]:
+    """The ``n`` best completed trials, best first (by the study's direction)."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    maximize = study.direction == StudyDirection.MAXIMIZE
+    return sorted(done, key=lambda t: (-t.value if maximize else t.value, t.number))[:n]
+
+
+def format_trials(trials: Sequence[FrozenTrial]) -> str:
+    """The ``show`` table: number, value, state, epochs run, sec/epoch, model params, hyperparameters."""
+    headers = ["#", "value", "state", "epochs", "s/epoch", "params", "hyperparameters"]
+    body = [[t.number, _fmt_value(t.value), t.state.name, t.user_attrs.get("epochs_run", "-"),
+             _fmt_float(t.user_attrs.get("sec_per_epoch"), 2), _fmt_count(t.user_attrs.get("n_params")),
+             format_params(t.params)] for t in trials]
+    return format_table(headers, body)
+
+
+def study_header(study: optuna.Study) -> str:
+    """Lines describing a study: its settings (user attrs) and its trials by state."""
+    attrs = study.user_attrs
+    trials = study.get_trials(deepcopy=False)
+    counts = Counter(t.state.name for t in trials)
+    rejected = sum(1 for t in trials if "rejected" in t.user_attrs)
+    settings = ", ".join(f"{k} {attrs[k]}" for k in ("sampler", "pruner", "space", "data") if k in attrs)
+    finished = counts["COMPLETE"] + counts["PRUNED"]
+    target = attrs.get("target_trials")
+    by_state = [f"{counts[s]} {s.lower()}" + (f" ({rejected} rejected before training)"
+                                              if s == "PRUNED" and rejected else "")
+                for s in STATES if counts[s]]
+    lines = [f"study {study.study_name}" + (f" ({settings})" if settings else ""),
+             f"trials: {len(trials)}" + (f", finished {finished}/{target}" if target else "")
+             + (": " + ", ".join(by_state) if by_state else "")]
+    reasons = Counter(t.user_attrs.get("fail_reason", "no reason recorded")
+                      for t in trials if t.state.name == "FAIL")
+    lines += [f"failed x{n}: {reason}" for reason, n in reasons.most_common(3)]
+    return "\n".join(lines)
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """Every trial, one row each: Optuna's trials_dataframe plus the user attrs flattened.
+
+    Dict attrs (the config) become dotted columns (``user_attrs_config.optim.lr``); list attrs
+    (the history) become JSON text; system attrs (artifact ids) are left out.
+    """
+    import pandas as pd
+
+    base = study.trials_dataframe(attrs=("number", "value", "datetime_start", "datetime_complete",
+                                         "duration", "params", "state"))
+    trials = study.get_trials(deepcopy=False)
+    if not trials:
+        return base
+    extra = pd.DataFrame([{"number": t.number, **_flatten_attrs(t.user_attrs)} for t in trials])
+    known = [f"user_attrs_{k}" for k in KEY_USER_ATTRS if f"user_attrs_{k}" in extra.columns]
+    rest = sorted(c for c in extra.columns if c != "number" and c not in known)
+    return base.merge(extra[["number", *known, *rest]], on="number", how="left")
+
+
+def write_trials_csv(study: optuna.Study, path: Path) -> Path:
+    """Write every trial of ``study`` to ``path`` (CSV); returns ``path``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        trials_frame(study).to_csv(path, index=False)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+# --------------------------------------------------------------------------- the HTML report
+
+
+def write_report(
+    storage: BaseStorage,
+    study_name: str,
+    compare: Sequence[str] = (),
+    out_dir: Path | None = None,
+    storage_url: str = "the study store",
+) -> ReportFiles:
+    """Write ``report.html`` and ``trials.csv`` for ``study_name`` into ``out_dir``.
+
+    ``out_dir`` defaults to ``studies/reports/<study>/``. Raises UserError for an unknown study
+    (listing the known ones) or a study with no completed trial yet.
+    """
+    from catdog_hpo.storage_url import load_study
+
+    study = load_study(storage, study_name, storage_url)
+    _check_reportable(study)
+    others = [load_study(storage, name, storage_url) for name in dict.fromkeys(compare) if name != study_name]
+    out = Path(out_dir) if out_dir is not None else Path("studies") / "reports" / _safe_name(study_name)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
+    page = render_report(study, others)
+    html_path = out / "report.html"
+    try:
+        html_path.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot write {html_path}: {exc.strerror or exc}") from None
+    return ReportFiles(html=html_path, csv=write_trials_csv(study, out / "trials.csv"))
+
+
+def render_report(study: optuna.Study, compare: Sequence[optuna.Study] = ()) -> str:
+    """The whole report page as HTML text (plotly.js inlined in the head)."""
+    import optuna.visualization as vis
+    from plotly.offline import get_plotlyjs
+
+    sections = [
+        ("summary", "Summary", _summary_html(study)),
+        ("history", "Optimization history", _figure_or_note(lambda: vis.plot_optimization_history(study))),
+        ("intermediate", "Intermediate values (val accuracy per epoch)",
+         _figure_or_note(lambda: intermediate_figure(study))),
+        ("parallel", "Parallel coordinates", _figure_or_note(lambda: vis.plot_parallel_coordinate(study))),
+        ("importance", "Parameter importances", _importance_html(study)),
+        ("slice", "Slice plots", _figure_or_note(lambda: vis.plot_slice(study))),
+        ("top-trials", f"Top {TOP_N} trials", _top_table_html(study)),
+    ]
+    if compare:
+        studies = [study, *compare]
+        sections.append(("compare", "Comparison: best so far",
+                         _figure_or_note(lambda: compare_figure(studies, "trial"))
+                         + _figure_or_note(lambda: compare_figure(studies, "time"))))
+    nav = " · ".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
+    body = "\n".join(f'<section id="{sid}" class="section"><h2>{html.escape(title)}</h2>\n{content}\n</section>'
+                     for sid, title, content in sections)
+    title = html.escape(f"catdog-hpo report: {study.study_name}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>\n"
+            f"<style>{_CSS}</style>\n<script>{get_plotlyjs()}</script>\n</head><body>\n"
+            f"<h1>{title}</h1>\n<p class=\"generated\">generated {datetime.now():%Y-%m-%d %H:%M}</p>\n"
+            f"<nav>{nav}</nav>\n{body}\n</body></html>\n")
+
+
+def intermediate_figure(study: optuna.Study) -> go.Figure:
+    """Val accuracy per epoch of every trial that reported one, coloured by state."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    shown: set[str] = set()
+    for t in study.get_trials(deepcopy=False):
+        if not t.intermediate_values or t.state.name not in STATE_COLORS:
+            continue
+        steps = sorted(t.intermediate_values)
+        state = t.state.name
+        fig.add_trace(go.Scatter(
+            x=steps, y=[t.intermediate_values[s] for s in steps], mode="lines+markers",
+            name=state.lower(), legendgroup=state, showlegend=state not in shown,
+            line={"color": STATE_COLORS[state], "width": 1.5}, marker={"size": 5},
+            hovertemplate=f"trial {t.number} ({state.lower()})<br>epoch %{{x}}: %{{y:.4f}}<extra></extra>",
+        ))
+        shown.add(state)
+    if not shown:
+        raise _Note("no trial reported a per-epoch value yet")
+    fig.update_layout(xaxis_title="epoch", yaxis_title="val accuracy", legend_title="state")
+    return fig
+
+
+def compare_figure(studies: Sequence[optuna.Study], against: str) -> go.Figure:
+    """Best value so far of each study against trial number (``"trial"``) or wall time (``"time"``).
+
+    Wall time is minutes from the study's first trial start to each trial's completion.
+    """
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for study in studies:
+        x, y = best_so_far(study, against)
+        label = f"{study.study_name} ({study.user_attrs.get('sampler', '?')})"
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", line_shape="hv", name=label))
+    axis = "trial number" if against == "trial" else "wall time (minutes since the study started)"
+    fig.update_layout(title=f"Best value so far against {axis}", xaxis_title=axis, yaxis_title="best value")
+    return fig
+
+
+def best_so_far(study: optuna.Study, against: str) -> tuple[list[float], list[float]]:
+    """(x, best-so-far) over the study's completed trials, in completion order for ``"time"``."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    pick = max if study.direction == StudyDirection.MAXIMIZE else min
+    if against == "trial":
+        done.sort(key=lambda t: t.number)
+        xs = [float(t.number) for t in done]
+    else:
+        start = min(t.datetime_start for t in trials if t.datetime_start is not None) if done else None
+        done.sort(key=lambda t: t.datetime_complete)
+        xs = [(t.datetime_complete - start).total_seconds() / 60.0 for t in done]  # minutes
+    best: list[float] = []
+    for t in done:
+        best.append(t.value if not best else pick(best[-1], t.value))
+    return xs, best
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Note(Exception):
+    """A section that cannot be drawn: its message is shown in place of the chart."""
+
+
+def _check_reportable(study: optuna.Study) -> None:
+    from optuna.trial import TrialState
+
+    if len(study.directions) > 1:
+        raise UserError(f"study {study.study_name!r} is multi-objective: the report handles one objective")
+    trials = study.get_trials(deepcopy=False)
+    if not any(t.state == TrialState.COMPLETE for t in trials):
+        counts = Counter(t.state.name.lower() for t in trials)
+        have = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no trials at all"
+        raise UserError(f"study {study.study_name!r} has no completed trial yet ({have}): nothing to report")
+
+
+def _figure_or_note(build: Any) -> str:
+    """The figure ``build()`` returns as an HTML div, or a note saying why there is none."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optuna's "too few trials" warnings: the note says it
+            fig = build()
+    except (_Note, ValueError) as exc:
+        return _note(str(exc))
+    if not fig.data:
+        return _note("not enough trials with these values to draw this chart yet")
+    fig.update_layout(template="plotly_white")
+    return fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
+
+
+def _importance_html(study: optuna.Study) -> str:
+    import optuna.visualization as vis
+    from optuna.trial import TrialState
+
+    n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if n_done < MIN_TRIALS_FOR_IMPORTANCE:
+        return _note(f"parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials; "
+                     f"this study has {n_done}")
+    caught: list[warnings.WarningMessage] = []
+
+    def build() -> go.Figure:
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            fig = vis.plot_param_importances(study)
+        caught.extend(got)
+        if any("importances will be equal" in str(w.message) for w in caught):
+            raise _Note("the completed trials do not separate good from bad settings yet: "
+                        "importances cannot be estimated")
+        return fig
+
+    return _figure_or_note(build)
+
+
+def _summary_html(study: optuna.Study) -> str:
+    lines = study_header(study).splitlines()
+    best = study.best_trial
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return (f"<ul>{items}<li>best: trial {best.number}, value {_fmt_value(best.value)}, "
+            f"{html.escape(format_params(best.params))}</li></ul>")
+
+
+def _top_table_html(study: optuna.Study) -> str:
+    headers = ["#", "value", "params", "flops", "s/epoch", "epochs", "hyperparameters"]
+    rows = [[t.number, _fmt_value(t.value), _fmt_count(t.user_attrs.get("n_params")),
+             _fmt_count(t.user_attrs.get("flops")), _fmt_float(t.user_attrs.get("sec_per_epoch"), 2),
+             t.user_attrs.get("epochs_run", "-"), format_params(t.params)] for t in top_trials(study)]
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="trials"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def _flatten_attrs(attrs: dict[str, Any], prefix: str = "user_attrs_") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in attrs.items():
+        if isinstance(value, dict):
+            out.update(_flatten_attrs(value, f"{prefix}{key}."))
+        elif isinstance(value, (list, tuple)):
+            out[f"{prefix}{key}"] = json.dumps(value)
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _best_value(trials: Sequence[FrozenTrial], directions: Sequence[Any]) -> float | None:
+    from optuna.study import StudyDirection
+
+    values = [t.value for t in trials if t.state.name == "COMPLETE" and t.values and len(t.values) == 1]
+    if not values or len(directions) != 1:
+        return None
+    return max(values) if directions[0] == StudyDirection.MAXIMIZE else min(values)
+
+
+def format_params(params: dict[str, Any]) -> str:
+    """Hyperparameters as compact ``name=value`` pairs."""
+    return " ".join(f"{k}={_fmt_param(v)}" for k, v in params.items())
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table with left-aligned text and right-aligned numbers."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    numeric = [all(_looks_numeric(r[i]) for r in cells) and bool(cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)).rstrip()
+
+    return "\n".join([line(list(headers)), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _looks_numeric(text: str) -> bool:
+    return bool(re.fullmatch(r"-|[-+]?[\d.]+(e[-+]?\d+)?[kMG]?", text))
+
+
+def _fmt_param(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _fmt_value(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _fmt_float(v: Any, digits: int) -> str:
+    return "-" if v is None else f"{float(v):.{digits}f}"
+
+
+def _fmt_count(v: Any) -> str:
+    """1234567 -> '1.23M': parameter and FLOP counts at a glance."""
+    if v is None:
+        return "-"
+    v = float(v)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g}{unit}"
+    return f"{v:.0f}"
+
+
+def _fmt_time(t: datetime | None) -> str:
+    return "-" if t is None else f"{t:%Y-%m-%d %H:%M}"
+
+
+def _safe_name(name: str) -> str:
+    """A study name usable as one folder name."""
+    return re.sub(r"[^\w.-]+", "_", name).strip(".") or "study"
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ddd; padding-bottom: .2em; }
+nav a { margin-right: .3em; } .generated { color: #777; font-size: .9em; }
+.note { background: #fff8e1; border-left: 4px solid #f0b400; padding: .5em .8em; }
+.section { margin-bottom: 2em; overflow-x: auto; }
+table.trials { border-collapse: collapse; font-size: .9em; }
+table.trials th, table.trials td { border: 1px solid #ddd; padding: .25em .5em; text-align: left; }
+table.trials th { background: #f4f4f4; }
+"""

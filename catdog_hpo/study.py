@@ -1,0 +1,442 @@
+"""`catdog-hpo run`: the study around the objective.
+
+Storage, samplers and pruners (registries whose keys are the CLI's choices), creating or
+resuming a study, the trial budget shared by every worker on every machine, the grid, heartbeats,
+interrupts, and the live progress output.
+
+The budget: ``--trials N`` is the study's target of finished trials (COMPLETE + PRUNED). A worker
+claims a trial under a study-wide lock only while finished + running < N, so any number of
+workers and machines stop at exactly N (a failed trial frees its place). The grid: every grid
+point is enqueued once when the study is created; workers pop them atomically, so no point runs
+twice and none is left behind (Optuna's own GridSampler loses or repeats points in parallel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import hashlib
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import optuna
+from optuna.trial import TrialState
+
+from catdog_hpo import __version__
+from catdog_hpo.data import DataSource
+from catdog_hpo.errors import UserError
+from catdog_hpo.objective import Budget, ImageProvider, TrialFailed, run_trial
+from catdog_hpo.spaces import Space, grid_points, load_space
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+# Optuna marks heartbeats, grouped TPE and the retry callback "experimental", and warns that
+# heartbeats are meant for Study.optimize (this module runs them itself, the same way). Neither
+# warning tells a user anything they can act on.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happened
+_POLL_S = 1.0  # seconds between checks while waiting on other workers' trials
+_MAX_FAILS_IN_A_ROW = 5  # a worker whose trials keep failing stops instead of burning the budget
+
+
+# --------------------------------------------------------------------------- registries
+
+
+def _tpe(seed: int | None, n_trials: int) -> optuna.samplers.BaseSampler:
+    # Written out rather than left to the 5.0 defaults, so a seed means the same thing across
+    # versions: multivariate TPE with groups (conditional spaces), constant liar for workers.
+    startup = max(5, min(10, n_trials // 4))  # random trials before TPE models the space
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=startup, multivariate=True, group=True,
+        constant_liar=True,
+    )
+
+
+SAMPLERS: dict[str, Callable[[int | None, int], optuna.samplers.BaseSampler]] = {
+    "tpe": _tpe,
+    "random": lambda seed, n: optuna.samplers.RandomSampler(seed=seed),
+    # The grid's points are enqueued trials (fixed params); this sampler never picks one.
+    "grid": lambda seed, n: optuna.samplers.RandomSampler(seed=seed),
+}
+
+PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
+    "median": lambda epochs: optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1),
+    "sha": lambda epochs: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+    "hyperband": lambda epochs: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 2), reduction_factor=3),
+    "patient": lambda epochs: optuna.pruners.PatientPruner(
+        optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1), patience=2),
+    "none": lambda epochs: optuna.pruners.NopPruner(),
+}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    study: str
+    storage: str
+    space: str  # built-in name or path
+    sampler: str
+    pruner: str
+    trials: int
+    data: DataSource
+    timeout: float | None = None  # seconds for this process to start new trials
+    epochs: int | None = None  # overrides the space's train.epochs
+    workers: int = 1
+    seed: int = 0
+    devices: tuple[str, ...] = ("cpu",)  # one per worker (catdog_hpo.device.assign_gpus)
+    budget: Budget = field(default_factory=Budget)
+    studies_dir: Path = Path("studies")
+    heartbeat: int = 10  # seconds between heartbeats; a trial silent for 3x this is stale
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------- storage and lock
+
+
+def open_run_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
+    from catdog_hpo.storage_url import open_storage
+
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+    return open_storage(
+        url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+        # A trial whose worker died (SIGKILL, power loss) is failed by another worker and its
+        # parameters run again, so the study still reaches N.
+        heartbeat_stale_trial_callback=retry,
+    )
+
+
+@contextlib.contextmanager
+def study_lock(storage: optuna.storages.BaseStorage, url: str, study_name: str) -> Iterator[None]:
+    """A lock shared by every worker of the study: a file lock beside a SQLite file, an
+    advisory lock on PostgreSQL, GET_LOCK on MySQL/MariaDB."""
+    key = int(hashlib.sha256(study_name.encode()).hexdigest()[:15], 16)  # fits a signed bigint
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):] + ".lock")
+        with open(path, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return
+    engine = getattr(storage, "engine", None)
+    if engine is None or engine.dialect.name not in ("postgresql", "mysql", "mariadb"):
+        with _LOCAL_LOCK:
+            yield
+        return
+    import sqlalchemy
+
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            unlock = ("SELECT pg_advisory_unlock(:k)", {"k": key})
+        else:
+            conn.execute(sqlalchemy.text("SELECT GET_LOCK(:k, 600)"), {"k": f"catdog-{key}"})
+            unlock = ("SELECT RELEASE_LOCK(:k)", {"k": f"catdog-{key}"})
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text(unlock[0]), unlock[1])
+
+
+_LOCAL_LOCK = threading.Lock()
+
+
+# --------------------------------------------------------------------------- create or resume
+
+
+def study_attrs(settings: RunSettings, space: Space, data_fingerprint: str) -> dict[str, Any]:
+    return {
+        "space": space.name,
+        "space_fingerprint": space.fingerprint,
+        "sampler": settings.sampler,
+        "pruner": settings.pruner,
+        "data": settings.data.describe(),
+        "data_source": asdict(settings.data),  # all of it, so export/retrain rebuild the same split
+        "data_fingerprint": data_fingerprint,
+        "overrides": overrides_of(settings),  # dotted config paths fixed on top of the space
+        "target_trials": settings.trials,
+        "seed": settings.seed,
+        "epochs": settings.epochs,
+        "catdog_hpo_version": __version__,
+    }
+
+
+# What must match for a rerun to continue a study (anything else would mix incomparable trials).
+_MUST_MATCH = ("space_fingerprint", "sampler", "data", "data_fingerprint", "epochs")
+
+
+def create_or_resume(settings: RunSettings, storage: optuna.storages.BaseStorage, space: Space,
+                     data_fingerprint: str, worker: int = 0) -> tuple[optuna.Study, int]:
+    """The study, created (with its grid enqueued) or reopened after checking it is the same
+    search; returns it with the number of grid points (0 for other samplers)."""
+    pruner = PRUNERS[settings.pruner](_epochs_of(space, settings))
+    wanted = study_attrs(settings, space, data_fingerprint)
+    with study_lock(storage, settings.storage, settings.study):
+        study = optuna.create_study(study_name=settings.study, storage=storage,
+                                    pruner=pruner, direction="maximize", load_if_exists=True)
+        # A fresh study with one worker replays exactly from --seed; a resumed study or another
+        # worker gets another stream, or it would repeat the trials it already has.
+        offset = 1_000_003 * len(study.get_trials(deepcopy=False)) + worker
+        study.sampler = SAMPLERS[settings.sampler](settings.seed + offset, settings.trials)
+        have = study.user_attrs
+        if "space_fingerprint" not in have:  # new: record what it is, enqueue the grid
+            for key, value in wanted.items():
+                study.set_user_attr(key, value)
+            grid = 0
+            if settings.sampler == "grid":
+                points = grid_points(space)
+                random.Random(settings.seed).shuffle(points)  # any prefix of the grid is spread out
+                for params in points:
+                    study.enqueue_trial(params)
+                grid = len(points)
+                study.set_user_attr("grid_size", grid)
+            return study, grid
+    for key in _MUST_MATCH:
+        if have.get(key) != wanted[key]:
+            raise UserError(
+                f"study {settings.study!r} was made with {key.replace('_', ' ')} {have.get(key)!r}, "
+                f"this run has {wanted[key]!r}: pass another --study name to start a new study"
+            )
+    return study, int(have.get("grid_size", 0))
+
+
+def _epochs_of(space: Space, settings: RunSettings) -> int:
+    if settings.epochs is not None:
+        return settings.epochs
+    return int(space.base.get("train", {}).get("epochs", 10))
+
+
+def overrides_of(settings: RunSettings) -> dict[str, Any]:
+    """Dotted config paths the run fixes on top of the space (export replays these too)."""
+    out: dict[str, Any] = {"train.seed": settings.seed}
+    if settings.epochs is not None:
+        out["train.epochs"] = settings.epochs
+    return out
+
+
+# --------------------------------------------------------------------------- the budget
+
+
+def count(study: optuna.Study) -> tuple[int, int, int]:
+    """(finished, running, waiting) trials of the study."""
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in FINISHED for t in trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    return finished, running, waiting
+
+
+def claim_trial(study: optuna.Study, storage: Any, settings: RunSettings, grid: int) -> optuna.Trial | str:
+    """A new trial if the budget allows one now, else "done" or "wait" (others are running)."""
+    if optuna.storages._heartbeat.is_heartbeat_enabled(storage):
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, retried
+    with study_lock(storage, settings.storage, settings.study):
+        finished, running, waiting = count(study)
+        if finished >= settings.trials:
+            return "done"
+        if grid and waiting == 0:
+            return "wait" if running else "done"  # the grid is exhausted once nothing runs
+        if finished + running >= settings.trials:
+            return "wait"  # a running trial may fail and free its place
+        return study.ask()
+
+
+# --------------------------------------------------------------------------- one worker
+
+
+def work(settings: RunSettings, worker: int, device: str, deadline: float | None,
+         on_trial_end: Callable[[], None] | None = None, images: ImageProvider | None = None) -> None:
+    """Claim and run trials until the study has its N (or the grid is done, or time is up)."""
+    import torch
+
+    from catdog_hpo.artifacts import artifact_store
+
+    space = load_space(settings.space)
+    storage = open_run_storage(settings.storage, settings.heartbeat)
+    if images is None or str(images.device) != device:
+        images = ImageProvider(settings.data, settings.studies_dir / "cache", torch.device(device))
+    fingerprint = images.get(_image_size_of(space)).fingerprint
+    study, grid = create_or_resume(settings, storage, space, fingerprint, worker)
+    store = artifact_store(settings.studies_dir)
+    overrides = overrides_of(settings)
+    fails_in_a_row = 0
+    while deadline is None or time.time() < deadline:
+        trial = claim_trial(study, storage, settings, grid)
+        if trial == "done":
+            return
+        if trial == "wait":
+            time.sleep(_POLL_S)
+            continue
+        # The heartbeat thread study.optimize runs too (ours is an ask/tell loop, for the budget).
+        with optuna.storages._heartbeat.get_heartbeat_thread(trial._trial_id, storage):
+            state = _run_one(study, trial, space, overrides, images, settings.budget, store)
+        fails_in_a_row = fails_in_a_row + 1 if state == TrialState.FAIL else 0
+        if on_trial_end is not None:
+            on_trial_end()
+        if fails_in_a_row >= _MAX_FAILS_IN_A_ROW:
+            raise UserError(f"{fails_in_a_row} trials in a row failed; see the fail reasons with "
+                            f"catdog-hpo show --study {settings.study}")
+
+
+def _run_one(study: optuna.Study, trial: optuna.Trial, space: Space, overrides: dict[str, Any],
+             images: ImageProvider, budget: Budget, store: Any) -> TrialState:
+    """Run one claimed trial and tell the study how it ended; never leaves it RUNNING."""
+    import torch
+
+    try:
+        value = run_trial(trial, space, overrides, images, budget, store)
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        return TrialState.PRUNED
+    except (KeyboardInterrupt, _Terminated) as exc:
+        # Not the trial's fault: fail it, and queue its parameters to run first on resume.
+        # A second signal must not cut this short and leave the trial RUNNING.
+        _ignore_signals()
+        trial.set_user_attr("fail_reason", f"interrupted ({type(exc).__name__})")
+        study.tell(trial, state=TrialState.FAIL)
+        if trial.params:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        raise
+    except torch.cuda.OutOfMemoryError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+        _fail(study, trial, f"CUDA out of memory: {first}")
+        del exc
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give the memory back before the next trial
+        return TrialState.FAIL
+    except TrialFailed as exc:
+        _fail(study, trial, str(exc))
+        return TrialState.FAIL
+    except Exception as exc:  # a bug or a bad environment: record it, go on to the next trial
+        _fail(study, trial, f"{type(exc).__name__}: {exc}")
+        return TrialState.FAIL
+    study.tell(trial, value)
+    return TrialState.COMPLETE
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    trial.set_user_attr("fail_reason", reason.splitlines()[0][:500])
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def _image_size_of(space: Space) -> int:
+    return int(space.base.get("image_size", 64))
+
+
+def _ignore_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _Terminated(Exception):
+    """SIGTERM, turned into an exception so the running trial is closed like on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _worker_main(settings: RunSettings, worker: int, device: str, deadline: float | None) -> None:
+    """Entry point of a worker process (spawned: no CUDA state shared with the parent)."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        work(settings, worker, device, deadline)
+    except (KeyboardInterrupt, _Terminated):
+        sys.exit(130)
+    except UserError as exc:
+        print(f"worker {worker}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+# --------------------------------------------------------------------------- the run command
+
+
+def run(settings: RunSettings) -> int:
+    """Run (or resume) the study until it has ``settings.trials`` finished trials."""
+    from catdog_hpo.progress import Progress
+    from catdog_hpo.storage_url import mask_password
+
+    space = load_space(settings.space)
+    storage = open_run_storage(settings.storage, settings.heartbeat)
+    # Decode and cache the images once, before any worker starts: workers only load the cache.
+    import torch
+
+    images = ImageProvider(settings.data, settings.studies_dir / "cache", torch.device("cpu"))
+    data = images.get(_image_size_of(space))
+    study, grid = create_or_resume(settings, storage, space, data.fingerprint)
+    target = min(settings.trials, grid) if grid else settings.trials
+    where = mask_password(settings.storage)
+    print(f"study {settings.study!r} in {where}: space {space.name}, sampler {settings.sampler}, "
+          f"pruner {settings.pruner}, {len(data.train_y)} train / {len(data.val_y)} val images "
+          f"of {len(data.classes)} classes ({', '.join(data.classes[:5])})")
+    if grid:
+        print(f"grid: {grid:,} points; this run stops after {target:,} of them"
+              + (" (the whole grid)" if target == grid else f" (--trials {settings.trials})"))
+    progress = Progress(study, target, enabled=settings.progress)
+    deadline = time.time() + settings.timeout if settings.timeout else None
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        if settings.workers == 1:
+            work(settings, 0, settings.devices[0], deadline, on_trial_end=progress.poll, images=images)
+        else:
+            _run_workers(settings, deadline, progress)
+    except (KeyboardInterrupt, _Terminated):
+        progress.close()
+        finished, _, _ = count(study)
+        print(f"interrupted at {finished}/{target} finished trials; the running trial was closed and "
+              f"will run first on resume. Resume with the same command.", file=sys.stderr)
+        return 130
+    progress.poll()
+    progress.close()
+    return _summary(study, target)
+
+
+def _run_workers(settings: RunSettings, deadline: float | None, progress: Any) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(settings, i, settings.devices[i], deadline), daemon=False)
+             for i in range(settings.workers)]
+    for p in procs:
+        p.start()
+    try:
+        while any(p.is_alive() for p in procs):
+            progress.poll()
+            time.sleep(_POLL_S)
+    except BaseException:
+        for p in procs:  # pass the interrupt on so each worker closes its trial
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+        for p in procs:
+            p.join(timeout=60)
+        raise
+    bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
+    if bad:
+        raise UserError(f"{len(bad)} of {len(procs)} workers exited with an error (codes {bad}); "
+                        f"rerun the same command to resume")
+
+
+def _summary(study: optuna.Study, target: int) -> int:
+    finished, _, _ = count(study)
+    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not completed:
+        print(f"done: {finished} finished trials, none completed", file=sys.stderr)
+        return 1
+    best = max(completed, key=lambda t: t.value if t.value is not None else -math.inf)
+    print(f"done: {finished}/{target} finished trials; best: trial {best.number}, "
+          f"val accuracy {best.value:.4f}")
+    print(f"next: catdog-hpo export --study {study.study_name}")
+    return 0

@@ -1,0 +1,134 @@
+"""Search spaces: parsing, validation errors, conditionals, the grid, replay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from optuna.trial import FixedTrial
+
+from catdog_hpo.config import TrialConfig
+from catdog_hpo.errors import ConfigError, UserError
+from catdog_hpo.spaces import builtin_spaces, grid_points, load_space, parse_space, resolve
+
+SMALL = {
+    "name": "small",
+    "base": {"image_size": 16, "train": {"epochs": 1}},
+    "blocks": {"depth": {"int": [1, 3]}, "channels": {"choices": [8, 16]}, "kernel_size": 3},
+    "params": {
+        "optim.name": {"choices": ["adam", "sgd"]},
+        "optim.momentum": {"float": [0.8, 0.99], "when": {"optim.name": ["sgd"]}, "grid": [0.9]},
+        "optim.lr": {"float": [1e-4, 1e-1], "log": True, "grid": [1e-3, 1e-2]},
+    },
+}
+
+
+def test_builtin_spaces_load_and_resolve() -> None:
+    assert {"seed-cnn", "resnet18", "quick"} <= set(builtin_spaces())
+    for name in builtin_spaces():
+        space = load_space(name)
+        cfg = resolve(space, FixedTrial(grid_points(space)[0]))
+        assert isinstance(cfg, TrialConfig)
+
+
+def test_conditional_block_params_exist_only_for_existing_blocks() -> None:
+    space = parse_space(SMALL, "small", "small.yaml")
+    cfg = resolve(space, FixedTrial({"depth": 2, "block0.channels": 8, "block1.channels": 16,
+                                     "optim.name": "adam", "optim.lr": 0.01}))
+    assert [b.channels for b in cfg.model.blocks] == [8, 16]
+    assert all(b.kernel_size == 3 for b in cfg.model.blocks)
+    assert cfg.optim.name == "adam" and cfg.optim.lr == 0.01
+
+
+def test_grid_has_no_duplicates_and_respects_conditions() -> None:
+    space = parse_space(SMALL, "small", "small.yaml")
+    points = grid_points(space)
+    # depth d has 2**d channel combos; optimizer adam (1 lr point x2) or sgd (x2, momentum fixed)
+    assert len(points) == (2 + 4 + 8) * 2 * 2
+    assert len({tuple(sorted(p.items())) for p in points}) == len(points)
+    for p in points:
+        assert ("optim.momentum" in p) == (p["optim.name"] == "sgd")
+        assert all(f"block{i}.channels" in p for i in range(p["depth"]))
+        assert f"block{p['depth']}.channels" not in p
+
+
+def test_grid_points_replay_through_fixed_trial() -> None:
+    space = parse_space(SMALL, "small", "small.yaml")
+    for p in grid_points(space)[:10]:
+        resolve(space, FixedTrial(p))  # every grid point names exactly the params the space asks
+
+
+def test_overrides_apply_last() -> None:
+    space = parse_space(SMALL, "small", "small.yaml")
+    cfg = resolve(space, FixedTrial(grid_points(space)[0]), {"train.epochs": 7, "train.seed": 3})
+    assert cfg.train.epochs == 7 and cfg.train.seed == 3
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"params": {"optim.nope": {"float": [0, 1]}}}, "params.optim.nope: unknown config key"),
+        ({"params": {"optim.lr": {"float": [1.0, 0.1]}}}, "params.optim.lr: low 1.0 > high 0.1"),
+        ({"params": {"optim.lr": {"float": [0.0, 0.1], "log": True}}}, "log scale needs low > 0"),
+        ({"params": {"optim.name": {"choices": []}}}, "params.optim.name: choices: must be a non-empty list"),
+        ({"params": {"optim.lr": {"float": [0.1, 1], "int": [1, 2]}}}, "give exactly one of"),
+        ({"params": {"optim.lr": {"float": [0.1, 1], "grid": [5]}}}, "grid value 5 is outside"),
+        ({"params": {"optim.lr": {"float": [0.1, 1], "bogus": 1}}}, "unknown key 'bogus'"),
+        ({"params": {"optim.momentum": {"float": [0.1, 1], "when": {"optim.zzz": ["sgd"]}}}}, "is not a parameter defined above"),
+        ({"base": {"optim": {"lr": "fast"}}}, "lr: expected a number"),
+        ({"blocks": {"depth": {"int": [1, 9]}}}, "blocks.depth: must be whole numbers from 1 to 6"),
+        ({"blocks": {"depth": 2, "width": 3}}, "blocks.width: unknown key"),
+        ({"extra": 1}, "unknown key 'extra'"),
+        ({"params": {"optim.name": {"choices": ["adam", "nadam"]}}}, "'nadam' is not one of"),
+    ],
+)
+def test_bad_space_names_file_and_key(tmp_path: Path, patch: dict, message: str) -> None:
+    import yaml
+
+    data = {**SMALL, **patch}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        load_space(str(path))
+    text = str(info.value)
+    assert str(path) in text and message in text
+    assert "\n" not in text
+
+
+def test_grid_too_large_is_refused() -> None:
+    data = {"params": {f"optim.{k}": {"float": [0.0, 0.9], "grid": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
+                       for k in ("momentum", "gamma", "label_smoothing")},
+            "blocks": {"depth": 3, "channels": {"choices": [8, 16, 32, 64, 128, 256]}}}
+    space = parse_space(data, "big", "big.yaml")
+    with pytest.raises(ConfigError, match="more than 10,000 points"):
+        grid_points(space)
+
+
+def test_float_without_grid_values_is_an_error_for_grid_only() -> None:
+    data = {"params": {"optim.lr": {"float": [1e-4, 1e-1], "log": True}}}
+    space = parse_space(data, "nogrid", "nogrid.yaml")
+    resolve(space, FixedTrial({"optim.lr": 1e-3}))
+    with pytest.raises(ConfigError, match="optim.lr: no grid values"):
+        grid_points(space)
+
+
+def test_unknown_space_name_lists_builtins() -> None:
+    with pytest.raises(UserError, match="no built-in space of that name .*quick"):
+        load_space("no-such-space")
+
+
+def test_python_space_by_path(tmp_path: Path) -> None:
+    path = tmp_path / "mine.py"
+    path.write_text("SPACE = {'params': {'optim.lr': {'float': [1e-3, 1e-2], 'log': True, 'grid': [1e-3]}}}\n")
+    space = load_space(str(path))
+    assert [p["optim.lr"] for p in grid_points(space)] == [1e-3]
+    (tmp_path / "broken.py").write_text("SPACE = 1/0\n")
+    with pytest.raises(ConfigError, match="broken.py: error while running it: ZeroDivisionError"):
+        load_space(str(tmp_path / "broken.py"))
+
+
+def test_data_space_files_are_never_executed(tmp_path: Path) -> None:
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError):
+        load_space(str(path))
