@@ -47,12 +47,8 @@ def serve_dashboard(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     out: TextIO | None = None,
-    on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve the dashboard until Ctrl-C. ``port=0`` picks a free port; the URL is printed.
-
-    ``on_ready(url)`` is called once the socket listens (tests use it).
-    """
+    """Serve the dashboard until Ctrl-C. ``port=0`` picks a free port; the URL is printed to ``out``."""
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
 
@@ -72,8 +68,6 @@ def serve_dashboard(
             print(warning, file=sys.stderr, flush=True)
         print(f"optuna-dashboard for {mask_password(storage_url)} (artifacts: {artifacts_dir})\n"
               f"open {url}  (Ctrl-C to stop)", file=out, flush=True)
-        if on_ready is not None:
-            on_ready(url)
         server.serve_forever()
     except KeyboardInterrupt:
         print("dashboard stopped", file=out, flush=True)

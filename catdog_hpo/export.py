@@ -69,7 +69,8 @@ def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
     trial = by_number[number]
     if trial.state != TrialState.COMPLETE:
         why = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("rejected") or ""
-        raise UserError(f"--trial {number}: the trial is {trial.state.name.lower()}, not complete"
+        state = "failed" if trial.state == TrialState.FAIL else trial.state.name.lower()
+        raise UserError(f"--trial {number}: the trial is {state}, not complete"
                         + (f" ({why})" if why else "") + "; only completed trials can be exported")
     return trial
 
@@ -77,7 +78,8 @@ def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
 def _state_counts(trials: list[FrozenTrial]) -> str:
     counts: dict[str, int] = {}
     for t in trials:
-        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+        word = "failed" if t.state == TrialState.FAIL else t.state.name.lower()
+        counts[word] = counts.get(word, 0) + 1
     return ", ".join(f"{n} {s}" for s, n in counts.items()) or "no trials"
 
 

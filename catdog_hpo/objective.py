@@ -80,10 +80,11 @@ def run_trial(
     Raises optuna.TrialPruned when the pruner stops it or the cost guard turns it away (the
     reason is in the ``rejected`` user attribute), TrialFailed for a run without a value.
     """
-    from catdog_hpo.train import EpochStats, fit
+    from catdog_hpo.train import EpochStats, check_optim, fit
 
     try:
         cfg = resolve(space, trial, overrides)
+        check_optim(cfg.optim)  # e.g. nesterov without momentum: turned away, not failed
         num_classes = len(images.get(cfg.image_size).classes)
         cost = check_cost(cfg, num_classes, budget)
     except ConfigError as exc:

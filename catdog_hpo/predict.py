@@ -76,8 +76,12 @@ def load_predictor(path: Path, device: torch.device) -> Predictor:
 
 
 def _checkpoint_predictor(path: Path, device: torch.device) -> Predictor:
+    import zipfile
+
     from catdog_hpo.checkpoint import load_model
 
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; say so plainly for anything else
+        raise UserError(f"--model {path}: not a catdog-hpo checkpoint (not a PyTorch zip archive)")
     model, ck = load_model(path, device)
     meta = ModelMeta(classes=ck.classes, image_size=ck.image_size, mean=tuple(ck.mean), std=tuple(ck.std))
 

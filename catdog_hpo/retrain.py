@@ -64,6 +64,7 @@ class ExportInfo:
     study: str | None = None
     trial: int | None = None
     value: float | None = None  # the val accuracy the study recorded for the trial
+    device: str | None = None  # where the trial trained
 
 
 @dataclass
@@ -121,7 +122,8 @@ def read_export_info(path: Path) -> ExportInfo:
     metrics = doc.get("metrics") if isinstance(doc.get("metrics"), dict) else {}
     return ExportInfo(source=source, fingerprint=data.get("fingerprint"),
                       fingerprint_image_size=data.get("fingerprint_image_size"),
-                      study=doc.get("study"), trial=trial.get("number"), value=metrics.get("value"))
+                      study=doc.get("study"), trial=trial.get("number"), value=metrics.get("value"),
+                      device=metrics.get("device"))
 
 
 def load_test_set(folder: Path, classes: tuple[str, ...], image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -138,16 +140,17 @@ def load_test_set(folder: Path, classes: tuple[str, ...], image_size: int) -> tu
         raise UserError(f"--test {folder}: {exc}") from None
     if is_split:
         raise UserError(f"--test {folder}: expected {folder}/<class>/<images>, found train/ and val/ folders")
-    if tuple(found) != tuple(classes):
-        raise UserError(f"--test {folder}: its classes ({', '.join(found)}) do not match the model's "
-                        f"({', '.join(classes)})")
+    if sorted(found) != sorted(classes):
+        raise UserError(f"--test {folder}: its classes ({', '.join(sorted(found))}) do not match the model's "
+                        f"({', '.join(sorted(classes))})")
+    to_model = [list(classes).index(name) for name in found]  # folder label -> the model's class index
     pixels, reasons = decode_files([Path(folder) / e.rel for e in entries], image_size)
     good = [i for i, r in enumerate(reasons) if r is None]
     skipped = [f"{entries[i].rel} ({r})" for i, r in enumerate(reasons) if r is not None]
     if not good:
         raise UserError(f"--test {folder}: none of its {len(entries)} images could be decoded")
     x = torch.from_numpy(np.ascontiguousarray(pixels[good].transpose(0, 3, 1, 2)))
-    y = torch.tensor([entries[i].label for i in good], dtype=torch.int64)
+    y = torch.tensor([to_model[entries[i].label] for i in good], dtype=torch.int64)
     return x, y, skipped
 
 
@@ -229,8 +232,65 @@ def _built_model(cfg: TrialConfig, num_classes: int) -> nn.Module:
 # --------------------------------------------------------------------------- the command
 
 
+def _configs(settings: RetrainSettings) -> tuple[TrialConfig, TrialConfig]:
+    """(the file's config, the one to train: with --epochs/--seed applied)."""
+    file_cfg = load_trial_config(settings.config)
+    train_over: dict[str, Any] = {}
+    if settings.epochs is not None:
+        train_over["epochs"] = settings.epochs
+    if settings.seed is not None:
+        train_over["seed"] = settings.seed
+    return file_cfg, dataclasses.replace(file_cfg, train=dataclasses.replace(file_cfg.train, **train_over))
+
+
+def _train_seeds(settings: RetrainSettings, cfg: TrialConfig, data: ImageSet, test: tuple | None,
+                 device: torch.device, log: Callable[[str], None]) -> list[SeedRun]:
+    """K fits with seeds seed, seed+1, ...; each kept model evaluated on val (and test)."""
+    train_data = _with_train_on(data, settings.train_on)
+    train_data = dataclasses.replace(  # moved once, not once per seed
+        train_data, train_x=train_data.train_x.to(device), train_y=train_data.train_y.to(device),
+        val_x=train_data.val_x.to(device), val_y=train_data.val_y.to(device))
+    meta = _meta(cfg, data.classes)
+    runs: list[SeedRun] = []
+    for k in range(settings.seeds):
+        seed_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + k))
+        log(f"seed {seed_cfg.train.seed}:")
+        run = train_seed(seed_cfg, train_data, device, settings.train_on, log, settings.progress)
+        if run.ok:
+            model = bare_model(seed_cfg, len(data.classes))
+            model.load_state_dict(run.state)
+            run.val = evaluate(model, data.val_x, data.val_y, meta, device)
+            if test is not None:
+                run.test = evaluate(model, test[0], test[1], meta, device)
+        log(_seed_line(run, settings.train_on))
+        runs.append(run)
+    return runs
+
+
+def _export_formats(settings: RetrainSettings, out: Path, checkpoint: Path, data: ImageSet,
+                    meta: ModelMeta, metrics: dict[str, Any], log: Callable[[str], None]) -> list[ExportResult]:
+    """TorchScript and ONNX of the saved checkpoint, checked on val images; metrics.json updated."""
+    from catdog_hpo.checkpoint import load_model
+
+    for stale in ("model.ts", "model.onnx"):
+        (out / stale).unlink(missing_ok=True)  # never leave an export of an older model beside this one
+    if not settings.formats:
+        return []
+    model, _ck = load_model(checkpoint, torch.device("cpu"))  # the file as predict will read it
+    batch = _check_batch(data, meta)
+    exports = export_all(model, batch, out, meta, settings.formats)
+    for r in exports:
+        log(r.line())
+    metrics["exports"] = {r.format: r.to_dict() for r in exports}
+    metrics["exports_checked_on"] = f"{batch.shape[0]} val images"
+    write_mapping(out / "metrics.json", metrics)
+    return exports
+
+
 def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> RetrainResult:
     """Train, evaluate, save and export; see the module docstring. UserError for bad inputs."""
+    from catdog_hpo.artifacts import curves_svg
+    from catdog_hpo.checkpoint import save_checkpoint
     from catdog_hpo.device import resolve_device
     from catdog_hpo.models import check_model, model_cost
 
@@ -238,14 +298,8 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> Re
         raise UserError(f"--train-on {settings.train_on!r}: expected one of {', '.join(TRAIN_ON)}")
     if settings.seeds < 1:
         raise UserError(f"--seeds {settings.seeds}: must be 1 or more")
-    file_cfg = load_trial_config(settings.config)
+    file_cfg, cfg = _configs(settings)
     info = read_export_info(settings.config)
-    train_over: dict[str, Any] = {}
-    if settings.epochs is not None:
-        train_over["epochs"] = settings.epochs
-    if settings.seed is not None:
-        train_over["seed"] = settings.seed
-    cfg = dataclasses.replace(file_cfg, train=dataclasses.replace(file_cfg.train, **train_over))
     check_model(cfg.model, cfg.image_size)  # before any data is loaded: a bad model fails fast
     source = settings.data or info.source
     if source is None:
@@ -267,28 +321,10 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> Re
     if test is not None and test[2]:
         log(f"note: --test: skipped {len(test[2])} files that could not be decoded: {', '.join(test[2][:5])}")
     log(f"model: {cfg.model.family}, {cost.params:,} parameters, {cost.flops / 1e6:,.1f} MFLOPs/image; "
-        f"device: {device}; training on {settings.train_on} for {cfg.train.epochs} epochs, "
-        f"{settings.seeds} seed{'s' if settings.seeds > 1 else ''}")
+        f"device: {device}; training on {settings.train_on} for {_n(cfg.train.epochs, 'epoch')}, "
+        f"{_n(settings.seeds, 'seed')}")
 
-    train_data = _with_train_on(data, settings.train_on)
-    train_data = dataclasses.replace(  # moved once, not once per seed
-        train_data, train_x=train_data.train_x.to(device), train_y=train_data.train_y.to(device),
-        val_x=train_data.val_x.to(device), val_y=train_data.val_y.to(device))
-    meta = _meta(cfg, data.classes)
-    runs: list[SeedRun] = []
-    for k in range(settings.seeds):
-        seed_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + k))
-        log(f"seed {seed_cfg.train.seed}:")
-        run = train_seed(seed_cfg, train_data, device, settings.train_on, log, settings.progress)
-        if run.ok:
-            model = bare_model(seed_cfg, len(data.classes))
-            model.load_state_dict(run.state)
-            run.val = evaluate(model, data.val_x, data.val_y, meta, device)
-            if test is not None:
-                run.test = evaluate(model, test[0], test[1], meta, device)
-        log(_seed_line(run, settings.train_on))
-        runs.append(run)
-
+    runs = _train_seeds(settings, cfg, data, test, device, log)
     good = [r for r in runs if r.ok]
     if not good:
         raise UserError(f"no seed produced a model: {runs[0].reason or runs[0].status} "
@@ -297,31 +333,19 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> Re
     kept_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=kept.seed))
     metrics = _metrics(settings, file_cfg, kept_cfg, source, data, same_data, info, runs, kept, cost, device)
 
-    from catdog_hpo.artifacts import curves_svg
-    from catdog_hpo.checkpoint import load_model, save_checkpoint
-
     checkpoint = out / "model.pt"
-    save_checkpoint(checkpoint, kept.state, kept_cfg, data.classes, _checkpoint_metrics(metrics))
-    (out / "curves.svg").write_text(
-        curves_svg(kept.history, title=f"{settings.config.stem}: seed {kept.seed}, trained on {settings.train_on}"),
-        encoding="utf-8")
-    write_mapping(out / "metrics.json", metrics)  # written now: the exports below may fail
+    try:
+        save_checkpoint(checkpoint, kept.state, kept_cfg, data.classes, _checkpoint_metrics(metrics))
+        (out / "curves.svg").write_text(
+            curves_svg(kept.history, title=f"{settings.config.stem}: seed {kept.seed}, trained on {settings.train_on}"),
+            encoding="utf-8")
+        write_mapping(out / "metrics.json", metrics)  # written now: the exports below may fail
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
     for line in _summary_lines(metrics):
         log(line)
     log(f"saved {checkpoint}, {out / 'metrics.json'}, {out / 'curves.svg'}")
-
-    exports: list[ExportResult] = []
-    for stale in ("model.ts", "model.onnx"):
-        (out / stale).unlink(missing_ok=True)  # never leave an export of an older model beside this one
-    if settings.formats:
-        model, _ck = load_model(checkpoint, torch.device("cpu"))  # the file as predict will read it
-        batch = _check_batch(data, meta)
-        exports = export_all(model, batch, out, meta, settings.formats)
-        for r in exports:
-            log(r.line())
-        metrics["exports"] = {r.format: r.to_dict() for r in exports}
-        metrics["exports_checked_on"] = f"{batch.shape[0]} val images"
-        write_mapping(out / "metrics.json", metrics)
+    exports = _export_formats(settings, out, checkpoint, data, _meta(cfg, data.classes), metrics, log)
     return RetrainResult(out=out, checkpoint=checkpoint, metrics=metrics, exports=exports)
 
 
@@ -345,7 +369,7 @@ def _same_data(info: ExportInfo, data: ImageSet, cfg: TrialConfig) -> bool | Non
 def _seed_line(run: SeedRun, train_on: str) -> str:
     if not run.ok:
         return f"seed {run.seed}: no model ({run.reason or run.status})"
-    which = f"epoch {run.kept_epoch} of {len(run.history)} kept" + (" (best val)" if train_on == "train" else " (final)")
+    which = f"kept epoch {run.kept_epoch} of {len(run.history)}, " + ("the best by val acc" if train_on == "train" else "the final one")
     text = f"seed {run.seed}: val acc {run.val['accuracy']:.4f}{'' if train_on == 'train' else ' (not held out)'}"
     if run.test is not None:
         text += f", test acc {run.test['accuracy']:.4f}"
@@ -359,7 +383,7 @@ def _acc_summary(values: list[float]) -> dict[str, Any]:
 
 
 def _reproduction(info: ExportInfo, settings: RetrainSettings, file_cfg: TrialConfig, cfg: TrialConfig,
-                  runs: list[SeedRun], same_data: bool | None) -> dict[str, Any] | None:
+                  runs: list[SeedRun], same_data: bool | None, device: torch.device) -> dict[str, Any] | None:
     """The trial's recorded val accuracy next to this run's, when both measure the same thing:
     the file's config unchanged (epochs, first seed), trained on train, on the study's data."""
     if info.value is None:
@@ -371,6 +395,7 @@ def _reproduction(info: ExportInfo, settings: RetrainSettings, file_cfg: TrialCo
     return {
         "study": info.study, "trial": info.trial, "trial_val_acc": info.value,
         "retrained_final_val_acc": final, "seed": first.seed,
+        "trial_device": info.device, "device": str(device),
         "difference": None if final is None else final - info.value,
         "comparable": comparable,
         "note": ("the trial's value is its final epoch's val accuracy: compare it with this run's final epoch "
@@ -411,7 +436,7 @@ def _metrics(settings: RetrainSettings, file_cfg: TrialConfig, cfg: TrialConfig,
         "val": kept.val,
         "test": kept.test,
         "history": kept.history,
-        "reproduction": _reproduction(info, settings, file_cfg, cfg, runs, same_data),
+        "reproduction": _reproduction(info, settings, file_cfg, cfg, runs, same_data, device),
         "config": to_dict(cfg),
         "versions": package_versions(),
     }
@@ -445,6 +470,10 @@ def _summary_lines(m: dict[str, Any]) -> list[str]:
         lines.append(f"trial {rep['trial']} of study {rep['study']!r} recorded val accuracy {rep['trial_val_acc']:.4f}; "
                      f"this run's final epoch (seed {rep['seed']}): {rep['retrained_final_val_acc']:.4f} ({verdict})")
     return lines
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _f(v: float | None) -> str:

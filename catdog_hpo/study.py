@@ -264,6 +264,10 @@ def work(settings: RunSettings, worker: int, device: str, deadline: float | None
 
     space = load_space(settings.space)
     storage = open_run_storage(settings.storage, settings.heartbeat)
+    if device == "cpu" and settings.workers > 1:
+        # Share the cores: K workers each running all-core OpenMP pools oversubscribe the CPU,
+        # and spinning threads made steps 5-20x slower when measured on 2 cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
     if images is None or str(images.device) != device:
         images = ImageProvider(settings.data, settings.studies_dir / "cache", torch.device(device))
     fingerprint = images.get(_image_size_of(space)).fingerprint

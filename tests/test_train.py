@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import math
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ import catdog_hpo.train as train_module
 from catdog_hpo.config import AugmentConfig, BlockConfig, ModelConfig, OptimConfig, TrainConfig, TrialConfig
 from catdog_hpo.config import OPTIMIZERS as OPTIMIZER_CHOICES, SCHEDULERS as SCHEDULER_CHOICES
 from catdog_hpo.data import ImageSet
-from catdog_hpo.errors import ConfigError
+from catdog_hpo.checkpoint import load_checkpoint, load_model, save_checkpoint
+from catdog_hpo.device import assign_gpus, parse_gpus, resolve_device
+from catdog_hpo.errors import ConfigError, UserError
 from catdog_hpo.models import build_model
 from catdog_hpo.train import OPTIMIZERS, SCHEDULERS, EpochStats, fit
 
@@ -52,7 +55,7 @@ def data() -> ImageSet:
     return learnable_set()
 
 
-def without_time(history: list[EpochStats]) -> list[tuple]:
+def without_time(history: list[EpochStats]) -> list[EpochStats]:
     return [dataclasses.replace(s, seconds=0.0) for s in history]
 
 
@@ -193,7 +196,8 @@ def test_frozen_parameters_stay_put(data: ImageSet) -> None:
 
 def test_on_epoch_end_sees_every_epoch(data: ImageSet) -> None:
     seen: list[EpochStats] = []
-    result = fit(small_cfg(epochs=3), data, CPU, on_epoch_end=seen.append)
+    cfg = dataclasses.replace(small_cfg(epochs=3), augment=AugmentConfig(crop="resized", color_jitter=True))
+    result = fit(cfg, data, CPU, on_epoch_end=seen.append)
     assert seen == result.history and [s.epoch for s in seen] == [1, 2, 3]
     for s in seen:
         assert 0.0 <= s.val_acc <= 1.0 and s.seconds > 0 and s.train_loss > 0 and s.val_loss > 0
@@ -238,3 +242,81 @@ def test_out_of_memory_releases_the_model(data: ImageSet, monkeypatch: pytest.Mo
         assert built and built[0]() is None
     else:
         pytest.fail("the out-of-memory error did not propagate")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path: Path, data: ImageSet) -> None:
+    cfg = small_cfg(epochs=1)
+    result = fit(cfg, data, CPU)
+    path = tmp_path / "sub" / "best.pt"
+    metrics = {"val_acc": result.best_val_acc, "history": [s.to_dict() for s in result.history], "note": None}
+    save_checkpoint(path, result.best_state, cfg, data.classes, metrics)
+    assert [p.name for p in path.parent.iterdir()] == ["best.pt"]  # no temp file left behind
+    raw = torch.load(path, weights_only=True)  # plain types only
+    assert raw["format"] == "catdog-hpo-checkpoint" and raw["format_version"] == 1
+    ck = load_checkpoint(path)
+    assert ck.config == cfg and ck.classes == data.classes and ck.image_size == SIZE
+    assert ck.metrics == metrics and len(ck.mean) == len(ck.std) == 3
+    model, ck2 = load_model(path, CPU)
+    assert not model.training and ck2.config == cfg
+    for key, value in result.best_state.items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_checkpoint_errors(tmp_path: Path, data: ImageSet) -> None:
+    with pytest.raises(UserError, match=r"missing.pt: no such checkpoint file"):
+        load_checkpoint(tmp_path / "missing.pt")
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    with pytest.raises(UserError, match=r"notes.pt: not a catdog-hpo checkpoint"):
+        load_checkpoint(text)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weight": torch.zeros(2)}, plain)
+    with pytest.raises(UserError, match=r"plain.pt: not a catdog-hpo checkpoint"):
+        load_checkpoint(plain)
+    cfg = small_cfg(epochs=1)
+    state = build_model(cfg.model, 3, SIZE).state_dict()
+    future = tmp_path / "future.pt"
+    save_checkpoint(future, state, cfg, data.classes, {})
+    raw = torch.load(future, weights_only=True)
+    raw["format_version"] = 2
+    torch.save(raw, future)
+    with pytest.raises(UserError, match=r"future.pt: checkpoint format_version 2"):
+        load_checkpoint(future)
+    wrong = tmp_path / "wrong.pt"
+    save_checkpoint(wrong, state, cfg, ("a", "b"), {})  # 2 classes; the weights have 3 outputs
+    with pytest.raises(UserError, match=r"wrong.pt: weights do not fit the model"):
+        load_model(wrong, CPU)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match="--device 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        for name in ("cuda", "cuda:1"):
+            with pytest.raises(UserError, match=f"--device {name}: no CUDA GPU"):
+                resolve_device(name)
+
+
+def test_parse_gpus() -> None:
+    assert parse_gpus(None, 3) == [0, 1, 2] and parse_gpus(None, 0) == []
+    assert parse_gpus("1, 0", 2) == [1, 0]
+    for text, message in (("0,x", "'x' is not a GPU id"), ("2", "GPU 2 does not exist"),
+                          ("0,0", "GPU 0 is listed twice"), ("", "'' is not a GPU id"), ("-1", "'-1'")):
+        with pytest.raises(UserError, match=message):
+            parse_gpus(text, 2)
+    with pytest.raises(UserError, match="no GPUs"):
+        parse_gpus("0", 0)
+
+
+def test_assign_gpus() -> None:
+    assert assign_gpus(5, [0, 1]) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert assign_gpus(2, [3]) == ["cuda:3", "cuda:3"]
+    assert assign_gpus(3, []) == ["cpu", "cpu", "cpu"]

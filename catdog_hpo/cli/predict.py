@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Print the predicted class and its probability for each image (folders are "
         "searched recursively for image files). Images are decoded exactly as training decodes "
         "them. A .onnx or .ts file from retrain carries its class names, image size and "
-        "normalisation in its own metadata, so it needs no other file.",
+        "normalisation in its own metadata, so it needs no other file; ONNX runs on the CPU "
+        "with onnxruntime (--device applies to .pt and .ts).",
         epilog="An image that cannot be read is reported on its own row (JSON: an \"error\" key) "
         "and the others go on. Exit status: 0 when at least one image was predicted; 2 when none "
         "was, or the model cannot be loaded.",

@@ -23,8 +23,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, type=Path, metavar="FILE", help="export or config file (YAML or JSON)")
     add_data_args(p, default_dataset=None)
-    # None = the split recorded in the export file (or 0.2 / 0 for a plain config).
+    # None = the split recorded in the export file; with --data/--dataset, 0.2 and 0 as elsewhere.
     p.set_defaults(val_fraction=None, split_seed=None)
+    for action in p._actions:  # argparse has no public way to reword an added argument's help
+        if action.dest == "val_fraction":
+            action.help = "with --data DIR: share held out for validation when DIR has no train/val split (default: 0.2)"
+        elif action.dest == "dataset":
+            action.help = "built-in dataset: synthetic, cifar10-catdog, oxford-pets (default: the export file's data)"
+        elif action.dest == "split_seed":
+            action.help = "with --data/--dataset: seed of that split (default: 0); without them the export's split is used"
     p.add_argument("--epochs", type=positive_int, metavar="E", help="override train.epochs (default: the config's)")
     p.add_argument("--seed", type=int, metavar="S", help="first seed (default: the config's train.seed)")
     p.add_argument("--seeds", type=positive_int, default=1, metavar="K",

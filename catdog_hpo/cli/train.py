@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _format_row(stats) -> str:  # stats: catdog_hpo.train.EpochStats
     return _ROW.format(stats.epoch, f"{stats.train_loss:.4f}", f"{stats.val_loss:.4f}",
-                       f"{stats.val_acc:.4f}", f"{stats.seconds:.1f}", f"{stats.lr:.3g}")
+                       f"{stats.val_acc:.4f}", f"{stats.seconds:.2f}", f"{stats.lr:.3g}")
 
 
 def _handle(args: argparse.Namespace) -> int:
@@ -59,8 +59,8 @@ def _handle(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     data = load_images(source, cfg.image_size, STUDIES_DIR / "cache")
     cost = model_cost(cfg.model, len(data.classes), data.image_size)
-    print(f"data: {source.describe()}: {len(data.train_y)} train / {len(data.val_y)} val images, "
-          f"classes {', '.join(data.classes)}, {data.image_size} px")
+    print(f"data: {source.describe()} ({len(data.train_y)} train / {len(data.val_y)} val images; "
+          f"classes {', '.join(data.classes)}; {data.image_size} px)")
     print(f"model: {cfg.model.family}, {cost.params:,} parameters, {cost.flops / 1e6:,.1f} MFLOPs/image; "
           f"device: {device}")
     print(_ROW.format(*_COLUMNS))

@@ -4,6 +4,13 @@ Public API (the rest of the package uses only these):
   DataSource   where the images come from (a folder or a built-in name) and how to split them
   ImageSet     the decoded set: uint8 N x 3 x H x W tensors and int64 labels, train and val
   load_images  DataSource + image size -> ImageSet, through the on-disk cache
+
+Inside (each module says more):
+  folder   ImageFolder layouts (train/ + val/, or flat with a seeded stratified split), scan
+  decode   Pillow decoding policy (EXIF, modes -> RGB, centre square, JPEG draft), thread pool
+  cache    fingerprints, the atomic cache file, the lock that lets processes share it
+  builtin  DATASETS: synthetic, cifar10-catdog, oxford-pets
+  augment  batched augmentation and normalisation on the training device (no Python per image)
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Batched augmentation on the device: uint8 B x 3 x H x W in, float32 normalised out.
 
 No per-image Python: every random draw is one tensor of B values from the caller's generator,
-and every geometric transform (random resized crop, pad-and-crop, horizontal flip) is one
-``F.affine_grid`` / ``F.grid_sample`` over the whole batch. Colour jitter (brightness,
+and every geometric transform (random resized crop, pad-and-crop, with the horizontal flip
+folded in) is one ``F.grid_sample`` over the whole batch. Colour jitter (brightness,
 contrast, saturation) runs on [0, 1] values before normalisation; normalisation uses the
 ImageNet statistics so that pretrained ResNet weights see what they were trained on.
 
@@ -30,18 +30,30 @@ _PAD_DIVISOR = 8  # pad-and-crop shifts by up to strength * H / 8 pixels
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights, as PIL and torchvision use
 
 
-def _norm_consts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, bias), each 1 x 3 x 1 x 1, so that uint8 * scale + bias == (x/255 - mean) / std."""
-    std = torch.tensor(STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    mean = torch.tensor(MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    return 1.0 / (255.0 * std), -mean / std
+_CONSTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _consts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, bias, luma) on ``device``, each 1 x 3 x 1 x 1; uint8 * scale + bias is
+    (x/255 - mean) / std. Made once per device: building them from Python lists copies from
+    the host, which on CUDA waits for the GPU, and the hot loop must not sync per step."""
+    if device not in _CONSTS:
+        std = torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)
+        mean = torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+        luma = torch.tensor(_GRAY, dtype=torch.float32).view(1, 3, 1, 1)
+        _CONSTS[device] = (
+            (1.0 / (255.0 * std)).to(device), (-mean / std).to(device), luma.to(device),
+        )
+    return _CONSTS[device]
 
 
 def normalize_batch(x: torch.Tensor) -> torch.Tensor:
     """uint8 B x 3 x H x W (any device) -> float32, ImageNet-normalised, same device and shape."""
     assert x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3, (x.dtype, tuple(x.shape))
-    scale, bias = _norm_consts(x.device)
-    return torch.addcmul(bias, x.to(torch.float32), scale)  # one fused multiply-add
+    scale, bias, _ = _consts(x.device)
+    # one multiply-add; predict.normalize mirrors this exact expression so exported models see
+    # bit-identical inputs: change both together
+    return torch.addcmul(bias, x.to(torch.float32), scale)
 
 
 def _uniform(gen: torch.Generator, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
@@ -61,7 +73,7 @@ def _color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> tor
     bright = _uniform(gen, b, 1 - a, 1 + a, dev).view(b, 1, 1, 1)
     contrast = _uniform(gen, b, 1 - a, 1 + a, dev).view(b, 1, 1, 1)
     sat = _uniform(gen, b, 1 - a, 1 + a, dev).view(b, 1, 1, 1)
-    luma = torch.tensor(_GRAY, dtype=x.dtype, device=dev).view(1, 3, 1, 1)
+    luma = _consts(dev)[2]
     x = (x * bright).clamp_(0, 1)
     mean_gray = (x * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)  # per-image mean luma
     x = torch.lerp(mean_gray, x, contrast).clamp_(0, 1)  # contrast: blend with the mean grey
@@ -69,13 +81,15 @@ def _color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> tor
     return torch.lerp(gray, x, sat).clamp_(0, 1)  # saturation: blend with the greyscale image
 
 
-def _resized_crop_theta(b: int, strength: float, sign: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """B x 2 x 3 affine maps (output -> input, normalised coords) of random resized crops.
+# An axis-aligned affine map per image, output -> input in normalised [-1, 1] coordinates:
+# x_in = sx * x_out + tx, y_in = sy * y_out + ty (sx < 0 mirrors). Each field is a B-vector.
+_Affine = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (sx, tx, sy, ty)
 
-    Crop area is uniform in [1 - 0.92*strength, 1] of the image and the aspect ratio
-    log-uniform in exp(+-strength*log(4/3)); a crop wider or taller than the image is clipped
-    to it. The crop centre is uniform over the positions that keep the crop inside the image.
-    """
+
+def _resized_crop_params(b: int, strength: float, sign: torch.Tensor, gen: torch.Generator) -> _Affine:
+    """Random resized crops: area uniform in [1 - 0.92*strength, 1] of the image, aspect ratio
+    log-uniform in exp(+-strength*log(4/3)), a side longer than the image clipped to it, and
+    the centre uniform over the positions that keep the crop inside the image."""
     dev = sign.device
     area = _uniform(gen, b, 1 - (1 - _MIN_AREA_AT_FULL) * strength, 1.0, dev)
     log_r = _uniform(gen, b, -_LOG_ASPECT_AT_FULL * strength, _LOG_ASPECT_AT_FULL * strength, dev)
@@ -84,32 +98,32 @@ def _resized_crop_theta(b: int, strength: float, sign: torch.Tensor, gen: torch.
     h = torch.sqrt(area / ratio).clamp_(max=1.0)
     cx = (torch.rand(b, generator=gen, device=dev) * 2 - 1) * (1 - w)  # keeps |cx| + w <= 1
     cy = (torch.rand(b, generator=gen, device=dev) * 2 - 1) * (1 - h)
-    theta = torch.zeros(b, 2, 3, device=dev)
-    theta[:, 0, 0] = w * sign  # a negative x scale mirrors the crop: the flip costs nothing extra
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = cy
-    return theta
+    return w * sign, cx, h, cy  # a negative x scale mirrors the crop: the flip costs nothing extra
 
 
-def _pad_crop_theta(
+def _pad_crop_params(
     b: int, height: int, width: int, strength: float, sign: torch.Tensor, gen: torch.Generator
-) -> torch.Tensor:
-    """B x 2 x 3 affine maps of whole-pixel translations by up to round(strength*H/8) pixels.
-
-    Equivalent to padding the image by that many pixels and taking a random crop of the original
-    size. Translations are whole pixels, so nearest sampling copies pixels exactly.
-    """
+) -> _Affine:
+    """Whole-pixel translations by up to round(strength*H/8) pixels each way: the same as
+    padding by that much and cropping the original size back out at a random place."""
     dev = sign.device
     pad = round(strength * height / _PAD_DIVISOR)  # pixels
     dx = torch.randint(-pad, pad + 1, (b,), generator=gen, device=dev).float()
     dy = torch.randint(-pad, pad + 1, (b,), generator=gen, device=dev).float()
-    theta = torch.zeros(b, 2, 3, device=dev)
-    theta[:, 0, 0] = sign
-    theta[:, 0, 2] = 2 * dx / width  # one pixel is 2/W in normalised coordinates
-    theta[:, 1, 1] = 1.0
-    theta[:, 1, 2] = 2 * dy / height
-    return theta
+    return sign, 2 * dx / width, torch.ones(b, device=dev), 2 * dy / height  # 1 px = 2/W
+
+
+def _resample(x: torch.Tensor, aff: _Affine, mode: str, padding: str) -> torch.Tensor:
+    """``grid_sample`` over the batch with a grid built per axis (the maps have no rotation or
+    shear, so this is several times cheaper than ``F.affine_grid``'s batched matmul)."""
+    b, _, height, width = x.shape
+    sx, tx, sy, ty = (t.view(b, 1, 1) for t in aff)
+    xs = (torch.arange(width, device=x.device, dtype=torch.float32) * 2 + 1) / width - 1  # pixel centres
+    ys = (torch.arange(height, device=x.device, dtype=torch.float32) * 2 + 1) / height - 1
+    gx = (sx * xs.view(1, 1, width) + tx).expand(b, height, width)
+    gy = (sy * ys.view(1, height, 1) + ty).expand(b, height, width)
+    grid = torch.stack((gx, gy), dim=-1)  # B x H x W x 2, (x, y) as grid_sample wants
+    return F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=False)
 
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
@@ -122,22 +136,19 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
     b, _, height, width = x.shape
     dev = x.device
     if cfg.color_jitter and cfg.strength > 0:
-        out = _color_jitter(x.to(torch.float32) / 255.0, cfg.strength, gen)
-        mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=dev).view(1, 3, 1, 1)
-        out = (out - mean) / std
+        scale, bias, _ = _consts(dev)
+        out = _color_jitter(x.to(torch.float32) / 255.0, cfg.strength, gen)  # on [0, 1] values
+        out = torch.addcmul(bias, out, scale * 255.0)  # then normalise
     else:
         out = normalize_batch(x)
 
     sign = _flip_signs(gen, b, dev) if cfg.flip else torch.ones(b, device=dev)
     if cfg.crop == "resized" and cfg.strength > 0:
-        theta, mode = _resized_crop_theta(b, cfg.strength, sign, gen), "bilinear"
-    elif cfg.crop == "pad" and round(cfg.strength * height / _PAD_DIVISOR) > 0:
-        theta, mode = _pad_crop_theta(b, height, width, cfg.strength, sign, gen), "nearest"
-    else:  # no geometric change besides the flip: an exact mirror is cheaper than a resample
-        if not cfg.flip:
-            return out
-        return torch.where((sign < 0).view(b, 1, 1, 1), out.flip(3), out)
-    grid = F.affine_grid(theta, [b, 3, height, width], align_corners=False)
-    # zeros padding == the mean colour, since ``out`` is already normalised
-    return F.grid_sample(out, grid, mode=mode, padding_mode="zeros", align_corners=False)
+        # the crop lies inside the image; "border" keeps edge samples from blending with padding
+        return _resample(out, _resized_crop_params(b, cfg.strength, sign, gen), "bilinear", "border")
+    if cfg.crop == "pad" and round(cfg.strength * height / _PAD_DIVISOR) > 0:
+        # whole-pixel shifts: nearest copies pixels exactly; zeros == the mean colour (normalised)
+        return _resample(out, _pad_crop_params(b, height, width, cfg.strength, sign, gen), "nearest", "zeros")
+    if not cfg.flip:  # no geometric change at all
+        return out
+    return torch.where((sign < 0).view(b, 1, 1, 1), out.flip(3), out)  # an exact mirror, no resampling

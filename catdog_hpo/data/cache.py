@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,9 @@ def read(path: Path, fp: str) -> dict[str, Any] | None:
 
 def write(path: Path, payload: dict[str, Any]) -> None:
     """Save ``payload`` atomically: a temp file in the same folder, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # mode 0o666 less the umask, like any new file (mkstemp's 0o600 would hide a shared cache)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)

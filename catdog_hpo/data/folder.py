@@ -162,13 +162,12 @@ def decode_entries(
     With ``split`` = (val_fraction, seed) the entries have no side yet: the stratified split is
     made over the files that decoded. Every class must keep at least one train and one val image.
     """
-    import numpy as np
     import torch
 
     from catdog_hpo.data import ImageSet
     from catdog_hpo.data.decode import decode_files
 
-    pixels, reasons = decode_files([root / e.rel for e in entries], image_size)
+    pixels, reasons = decode_files([root / e.rel for e in entries], image_size, channels_first=True)
     good = [i for i, r in enumerate(reasons) if r is None]
     skipped = tuple(f"{entries[i].rel} ({r})" for i, r in enumerate(reasons) if r is not None)
     if split is None:
@@ -184,7 +183,7 @@ def decode_entries(
                 raise UserError(f"{where}: no usable images (every file failed to decode)")
 
     def tensors(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(np.ascontiguousarray(pixels[idx].transpose(0, 3, 1, 2)))  # N x 3 x H x W
+        x = torch.from_numpy(pixels[idx])  # N x 3 x H x W (the gather copies: contiguous)
         y = torch.tensor([entries[i].label for i in idx], dtype=torch.int64)
         return x, y
 
