@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -78,11 +79,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise UserError(f"{path}: not a catdog-hpo checkpoint (not a PyTorch file)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # zip/pickle/unpickling errors of all kinds: not our file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{path}: not a catdog-hpo checkpoint ({first[:200]})") from None
+    except Exception as exc:  # a pickle that is not plain data, a damaged archive: not our file
+        # torch's own advice (set weights_only=False) would be unsafe here: say what it is instead.
+        kind = "holds code or objects, not plain data" if "weights_only" in str(exc) else "damaged"
+        raise UserError(f"{path}: not a catdog-hpo checkpoint ({kind})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{path}: not a catdog-hpo checkpoint (no {FORMAT!r} marker)")
     if data.get("format_version") != FORMAT_VERSION:

@@ -21,9 +21,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from catdog_hpo.config import FORMAT_VERSION, TrialConfig, from_dict, to_dict, write_mapping
+from catdog_hpo.config import FORMAT_VERSION, TrialConfig, to_dict, write_mapping
 from catdog_hpo.errors import ConfigError, UserError
-from catdog_hpo.spaces import load_space, resolve
+from catdog_hpo.spaces import base_image_size, load_space, resolve
 
 EXPORT_KIND = "catdog-hpo-export"
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -166,7 +166,7 @@ def export_document(study: optuna.Study, trial: FrozenTrial, cfg: TrialConfig) -
     attrs, ua = study.user_attrs, trial.user_attrs
     space_name = attrs.get("space")
     try:
-        fingerprint_size = from_dict(TrialConfig, load_space(space_name).base).image_size
+        fingerprint_size = base_image_size(load_space(space_name))
     except UserError:
         fingerprint_size = None
     return {

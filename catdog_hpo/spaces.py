@@ -406,6 +406,11 @@ def _check_resolves(space: Space) -> None:
                 raise ConfigError(f"{space.source}: blocks.{key}: value {value!r}: {exc}") from None
 
 
+def base_image_size(space: Space) -> int:
+    """The image size of the space's base config: the size the study fingerprints its data at."""
+    return from_dict(TrialConfig, space.base, where=space.source).image_size
+
+
 def grid_size_line(points: list[dict[str, Any]]) -> str:
     dims = sorted({k for p in points for k in p})
     return f"{len(points):,} grid points over {len(dims)} parameters"

@@ -36,7 +36,7 @@ from catdog_hpo import __version__
 from catdog_hpo.data import DataSource
 from catdog_hpo.errors import UserError
 from catdog_hpo.objective import Budget, ImageProvider, TrialFailed, run_trial
-from catdog_hpo.spaces import Space, grid_points, load_space
+from catdog_hpo.spaces import Space, base_image_size, grid_points, load_space
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -270,7 +270,7 @@ def work(settings: RunSettings, worker: int, device: str, deadline: float | None
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
     if images is None or str(images.device) != device:
         images = ImageProvider(settings.data, settings.studies_dir / "cache", torch.device(device))
-    fingerprint = images.get(_image_size_of(space)).fingerprint
+    fingerprint = images.get(base_image_size(space)).fingerprint
     study, grid = create_or_resume(settings, storage, space, fingerprint, worker)
     store = artifact_store(settings.studies_dir)
     overrides = overrides_of(settings)
@@ -335,10 +335,6 @@ def _fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
     study.tell(trial, state=TrialState.FAIL)
 
 
-def _image_size_of(space: Space) -> int:
-    return int(space.base.get("image_size", 64))
-
-
 def _ignore_signals() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -379,7 +375,7 @@ def run(settings: RunSettings) -> int:
     import torch
 
     images = ImageProvider(settings.data, settings.studies_dir / "cache", torch.device("cpu"))
-    data = images.get(_image_size_of(space))
+    data = images.get(base_image_size(space))
     study, grid = create_or_resume(settings, storage, space, data.fingerprint)
     target = min(settings.trials, grid) if grid else settings.trials
     where = mask_password(settings.storage)

@@ -172,15 +172,18 @@ def test_sigint_then_sigterm_close_the_trial_and_rerun_reaches_n(workdir: Path) 
 
 def test_sigterm_to_parent_closes_every_workers_trial(workdir: Path) -> None:
     proc = start(workdir, run_args("slow.yaml", 6, "--workers", "2"), "w")
-    running = wait_training(workdir, proc, n=2)
+    training = wait_training(workdir, proc, n=2)
     proc.popen.send_signal(signal.SIGTERM)
     assert_interrupted(*proc.finish())
     study = load(workdir)
     assert not study.get_trials(states=(TrialState.RUNNING,)), "a worker left its trial RUNNING"
-    failed = {t.number: t for t in study.get_trials(states=(TrialState.FAIL,))}
-    assert set(running) <= set(failed)
-    assert all(failed[n].user_attrs["fail_reason"] == "interrupted (_Terminated)" for n in running)
-    assert sorted(map(str, queued(study))) == sorted(str(failed[n].params) for n in running)
+    # Each trial that was training either finished just before the signal reached its worker
+    # (then the worker may have been between trials) or was closed as interrupted.
+    assert all(study.trials[n].state in (TrialState.FAIL, TrialState.COMPLETE) for n in training)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert 1 <= len(failed) <= 2
+    assert all(t.user_attrs["fail_reason"] == "interrupted (_Terminated)" for t in failed)
+    assert sorted(map(str, queued(study))) == sorted(str(t.params) for t in failed)
 
 
 # --------------------------------------------------------------------------- a worker dies
@@ -232,7 +235,7 @@ def test_worker_killed_right_after_claiming_does_not_block_the_study(workdir: Pa
     assert code == -signal.SIGKILL
     assert [t.state for t in load(workdir).trials] == [TrialState.RUNNING]
 
-    code, out, err = cli(workdir, [*args, "--timeout", "20"], "b")
+    code, out, err = cli(workdir, [*args, "--timeout", "12"], "b")
     study = load(workdir)
     assert count(study)[0] == 1, f"the orphaned trial blocked the study:\n{out}\n{err}"
     assert code == 0 and study.trials[0].state == TrialState.FAIL

@@ -109,19 +109,21 @@ def test_resume_after_interrupt_reaches_exactly_n(workdir: Path, monkeypatch: py
 
 
 def test_pruner_prunes_poor_trials(workdir: Path) -> None:
-    space = {**TINY, "base": {**TINY["base"], "train": {"epochs": 4, "batch_size": 64}},
+    space = {**TINY, "base": {**TINY["base"], "image_size": 32, "augment": {"crop": "none"},
+                              "train": {"epochs": 4, "batch_size": 64}},
              "blocks": {"depth": 2, "channels": 16},
-             # lr 1e-6 learns nothing; 1e-2 learns: the median pruner stops the first kind early.
-             "params": {"optim.lr": {"choices": [1e-6, 1e-2]}}}
+             # lr 1e-6 learns nothing, the others learn: the median pruner stops the first kind early.
+             "params": {"optim.lr": {"choices": [1e-2, 2e-2, 1e-6]}}}
     (workdir / "prune.yaml").write_text(yaml.safe_dump(space))
-    s = settings(workdir, space=str(workdir / "prune.yaml"), pruner="median", trials=10, seed=1)
+    s = settings(workdir, space=str(workdir / "prune.yaml"), pruner="median", trials=12, seed=1)
     assert run(s) == 0
     study = load(s)
     pruned = study.get_trials(states=(TrialState.PRUNED,))
-    assert pruned, "no trial was pruned"
-    assert all(t.params["optim.lr"] == 1e-6 for t in pruned)
+    assert any(t.params["optim.lr"] == 1e-6 for t in pruned), "no poor trial was pruned"
     assert all(t.user_attrs["epochs_run"] < 4 for t in pruned)
-    good = [t for t in study.get_trials(states=(TrialState.COMPLETE,)) if t.params["optim.lr"] == 1e-2]
+    bad_completed = [t for t in study.get_trials(states=(TrialState.COMPLETE,)) if t.params["optim.lr"] == 1e-6]
+    assert len(bad_completed) <= 4  # only before the pruner had its 4 start-up trials
+    good = [t for t in study.get_trials(states=(TrialState.COMPLETE,)) if t.params["optim.lr"] > 1e-6]
     assert good and max(t.value for t in good) > 0.7
 
 
