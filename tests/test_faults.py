@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from catdog_hpo.device import assign_gpus, parse_gpus
 from catdog_hpo.errors import UserError
 from catdog_hpo.study import count
+from concurrent_open import open_at_once
 from helpers import write_image_folder
 
 # Trials of about a second on a CPU (test_study.TINY's shape).
@@ -239,6 +240,36 @@ def test_worker_killed_right_after_claiming_does_not_block_the_study(workdir: Pa
     study = load(workdir)
     assert count(study)[0] == 1, f"the orphaned trial blocked the study:\n{out}\n{err}"
     assert code == 0 and study.trials[0].state == TrialState.FAIL
+
+
+# --------------------------------------------------------------------------- several machines
+
+
+def test_machines_opening_an_empty_sqlite_store_at_once(tmp_path: Path) -> None:
+    """Several `run`s started together on a new store file (say, on a shared disk) all get it,
+    instead of racing to create Optuna's tables ("table studies already exists")."""
+    outcomes = open_at_once(f"sqlite:///{tmp_path}/studies/new.db", 6, tmp_path / "sync")
+    assert outcomes == ["ok"] * 6
+
+
+def test_machines_started_together_sample_different_parameters(workdir: Path) -> None:
+    """Each machine's `run` is its own worker 0 and finds the study with the same number of
+    trials; their samplers must still draw different parameters, or they run the same trials."""
+    from catdog_hpo.data import DataSource
+    from catdog_hpo.spaces import load_space, resolve
+    from catdog_hpo.study import RunSettings, create_or_resume, open_run_storage
+
+    settings = RunSettings(study=STUDY, storage=f"sqlite:///{workdir}/{DB}", space=str(workdir / "tiny.yaml"),
+                           sampler="random", pruner="none", trials=10, data=DataSource(name="synthetic"))
+    space = load_space(settings.space)
+    storage = open_run_storage(settings.storage, heartbeat=10)
+    studies = [create_or_resume(settings, storage, space, "data-fingerprint", worker=0)[0] for _ in range(3)]
+    params = []
+    for study in studies:  # each machine asks for its first trial
+        trial = study.ask()
+        resolve(space, trial)
+        params.append(tuple(sorted(trial.params.items())))
+    assert len(set(params)) == 3, f"machines drew the same parameters: {params}"
 
 
 # --------------------------------------------------------------------------- SQLite under load

@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="search space: seed-cnn, resnet18, quick, or a .yaml/.json/.py file (default: seed-cnn)")
     p.add_argument("--sampler", default="tpe", choices=SAMPLER_CHOICES, help="default: tpe")
     p.add_argument("--pruner", default="median", choices=PRUNER_CHOICES, help="default: median")
-    p.add_argument("--trials", type=_trials, default=20, metavar="N",
+    p.add_argument("--trials", type=positive_int, default=20, metavar="N",
                    help="finished trials (completed + pruned) the study should have in total (default: 20)")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--epochs", type=positive_int, default=None, metavar="E", help="epochs per trial (default: the space's)")
@@ -39,16 +39,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds between trial heartbeats; a trial silent for 3x this is failed and retried (default: 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (trial lines only)")
     p.set_defaults(handler=_handle)
-
-
-def _trials(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: a study needs at least 1 trial")
-    return value
 
 
 def default_study_name(space: str, sampler: str, data_label: str) -> str:
