@@ -16,7 +16,7 @@ Summary per sampler: mean best accuracy, how many seeds reached the target, mean
 time to target over the seeds that reached it, and the speedup vs random (random's median time
 to target / this sampler's). One machine, one worker per study, studies run one after another.
 
-Run: .venv/bin/python bench/search.py [--budget 240] [--seeds 2] [--target 0.62] [--epochs 4]
+Run: .venv/bin/python bench/search.py [--budget 240] [--seeds 2] [--target 0.645] [--epochs 4]
      [--samplers tpe random grid] [--out bench/out/search]
 """
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=240, help="wall-clock seconds per study (default: 240)")
     p.add_argument("--seeds", type=int, default=2, help="study seeds per sampler (default: 2)")
-    p.add_argument("--target", type=float, default=0.62, help="val accuracy to reach (default: 0.62)")
+    p.add_argument("--target", type=float, default=0.645, help="val accuracy to reach (default: 0.645)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per trial (default: 4)")
     p.add_argument("--samplers", nargs="+", default=["tpe", "random", "grid"], choices=list(PRUNER))
     p.add_argument("--space", type=Path, default=SPACE, help=f"search space (default: {SPACE.relative_to(REPO)})")

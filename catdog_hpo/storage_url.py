@@ -8,11 +8,13 @@ without "database is locked" errors on either side.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import re
 import sqlite3
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from catdog_hpo.errors import UserError
 
@@ -73,7 +75,7 @@ def open_storage(
         _prepare_sqlite(parsed.database, shown, create)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _schema_lock(parsed, url):
             # heartbeat_interval is "experimental" in Optuna 5; the warning means nothing to a user.
             warnings.simplefilter("ignore", ExperimentalWarning)
             storage = RDBStorage(
@@ -95,6 +97,45 @@ def open_storage(
     if storage.engine.name == "sqlite":
         _sync_normal(storage.engine)
     return storage
+
+
+@contextlib.contextmanager
+def _schema_lock(parsed, url: str) -> Iterator[None]:  # parsed: sqlalchemy.engine.URL
+    """Held while RDBStorage creates Optuna's tables in a new store: processes opening the same
+    empty store at once (machines started together) would otherwise race to create them, and
+    all but one fail ("table studies already exists", "duplicate key value")."""
+    import sqlalchemy
+
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        database = parsed.database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            yield
+            return
+        with open(f"{database}.lock", "a+") as fh:  # the lock file study.study_lock uses too
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return
+    if backend not in ("postgresql", "mysql", "mariadb"):
+        yield
+        return
+    if backend == "postgresql":
+        lock, unlock = "SELECT pg_advisory_lock(7283612)", "SELECT pg_advisory_unlock(7283612)"
+    else:
+        lock, unlock = "SELECT GET_LOCK('catdog-hpo-schema', 600)", "SELECT RELEASE_LOCK('catdog-hpo-schema')"
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(lock))
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text(unlock))
+    finally:
+        engine.dispose()
 
 
 def study_names(storage: BaseStorage) -> list[str]:

@@ -172,36 +172,42 @@ def study_attrs(settings: RunSettings, space: Space, data_fingerprint: str) -> d
     }
 
 
+_STREAMS = "catdog_hpo:sampler_streams"  # study system attr: sampler streams handed out so far
+
 # What must match for a rerun to continue a study (anything else would mix incomparable trials).
 _MUST_MATCH = ("space_fingerprint", "sampler", "data", "data_fingerprint", "epochs")
 
 
 def create_or_resume(settings: RunSettings, storage: optuna.storages.BaseStorage, space: Space,
-                     data_fingerprint: str, worker: int = 0) -> tuple[optuna.Study, int]:
+                     data_fingerprint: str) -> tuple[optuna.Study, int]:
     """The study, created (with its grid enqueued) or reopened after checking it is the same
     search; returns it with the number of grid points (0 for other samplers)."""
     pruner = PRUNERS[settings.pruner](_epochs_of(space, settings))
     wanted = study_attrs(settings, space, data_fingerprint)
+    # The grid is enumerated before the study exists: a refused grid (too large, a parameter
+    # without grid values) must not leave a half-made study that a rerun would take for its own.
+    points = grid_points(space) if settings.sampler == "grid" else []
     with study_lock(storage, settings.storage, settings.study):
         study = optuna.create_study(study_name=settings.study, storage=storage,
                                     pruner=pruner, direction="maximize", load_if_exists=True)
-        # A fresh study with one worker replays exactly from --seed; a resumed study or another
-        # worker gets another stream, or it would repeat the trials it already has.
-        offset = 1_000_003 * len(study.get_trials(deepcopy=False)) + worker
-        study.sampler = SAMPLERS[settings.sampler](settings.seed + offset, settings.trials)
+        # Each sampler of the study draws its own stream, numbered under the lock: separate
+        # machines (each one's worker 0), workers and resumed runs never repeat each other's
+        # parameters, and a fresh study still replays exactly from --seed.
+        stream = int(storage.get_study_system_attrs(study._study_id).get(_STREAMS, 0))
+        storage.set_study_system_attr(study._study_id, _STREAMS, stream + 1)
+        study.sampler = SAMPLERS[settings.sampler](settings.seed + 1_000_003 * stream, settings.trials)
         have = study.user_attrs
-        if "space_fingerprint" not in have:  # new: record what it is, enqueue the grid
-            for key, value in wanted.items():
-                study.set_user_attr(key, value)
-            grid = 0
-            if settings.sampler == "grid":
-                points = grid_points(space)
-                random.Random(settings.seed).shuffle(points)  # any prefix of the grid is spread out
-                for params in points:
-                    study.enqueue_trial(params)
-                grid = len(points)
-                study.set_user_attr("grid_size", grid)
-            return study, grid
+        if "space_fingerprint" not in have:  # new: enqueue the grid, then record what it is
+            # A study left half-made by a crash in here has some points queued already.
+            again = bool(study.get_trials(deepcopy=False))
+            random.Random(settings.seed).shuffle(points)  # any prefix of the grid is spread out
+            for params in points:
+                study.enqueue_trial(params, skip_if_exists=again)
+            if points:
+                study.set_user_attr("grid_size", len(points))
+            for key, value in sorted(wanted.items(), key=lambda kv: kv[0] == "space_fingerprint"):
+                study.set_user_attr(key, value)  # the fingerprint last: it marks the study made
+            return study, len(points)
     for key in _MUST_MATCH:
         if have.get(key) != wanted[key]:
             raise UserError(
@@ -249,7 +255,13 @@ def claim_trial(study: optuna.Study, storage: Any, settings: RunSettings, grid: 
             return "wait" if running else "done"  # the grid is exhausted once nothing runs
         if finished + running >= settings.trials:
             return "wait"  # a running trial may fail and free its place
-        return study.ask()
+        trial = study.ask()
+        if optuna.storages._heartbeat.is_heartbeat_enabled(storage):
+            # A heartbeat from the claim on: a worker that dies before its heartbeat thread
+            # starts still leaves a trial that goes stale and is retried (Optuna never fails a
+            # RUNNING trial with no heartbeat at all, and it would hold its place in the budget).
+            storage.record_heartbeat(trial._trial_id)
+        return trial
 
 
 # --------------------------------------------------------------------------- one worker
@@ -271,7 +283,7 @@ def work(settings: RunSettings, worker: int, device: str, deadline: float | None
     if images is None or str(images.device) != device:
         images = ImageProvider(settings.data, settings.studies_dir / "cache", torch.device(device))
     fingerprint = images.get(base_image_size(space)).fingerprint
-    study, grid = create_or_resume(settings, storage, space, fingerprint, worker)
+    study, grid = create_or_resume(settings, storage, space, fingerprint)
     store = artifact_store(settings.studies_dir)
     overrides = overrides_of(settings)
     fails_in_a_row = 0

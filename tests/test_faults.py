@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,11 +46,19 @@ DB = "studies/catdog.db"  # the CLI's default store, relative to the run's folde
 WAIT_S = 120  # the most a test waits for a process or a trial state (start-up is seconds)
 
 
+_STARTED: list[subprocess.Popen] = []  # every process a test started, ended at its teardown
+
+
 @pytest.fixture()
-def workdir(tmp_path: Path) -> Path:
+def workdir(tmp_path: Path) -> Iterator[Path]:
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     (tmp_path / "slow.yaml").write_text(yaml.safe_dump(SLOW))
-    return tmp_path
+    yield tmp_path
+    while _STARTED:  # a failed test may leave a run (and its workers) going: end its group
+        popen = _STARTED.pop()
+        if popen.poll() is None:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
 
 
 def run_args(space: str, trials: int, *extra: str, data: tuple[str, str] = ("--dataset", "synthetic")) -> list[str]:
@@ -73,7 +82,9 @@ def start(cwd: Path, args: list[str], tag: str, prefix: list[str] | None = None)
     out, err = cwd / f"{tag}.out", cwd / f"{tag}.err"
     cmd = [sys.executable, *(prefix or ["-m", "catdog_hpo"]), *args]
     with open(out, "w") as o, open(err, "w") as e:
-        popen = subprocess.Popen(cmd, cwd=cwd, stdout=o, stderr=e)
+        # Its own process group, so teardown can end its workers too; signals go to its pid only.
+        popen = subprocess.Popen(cmd, cwd=cwd, stdout=o, stderr=e, start_new_session=True)
+    _STARTED.append(popen)
     return Proc(popen, out, err)
 
 
@@ -110,7 +121,6 @@ def wait_training(cwd: Path, proc: Proc, n: int = 1) -> list[int]:
             pytest.fail(f"the run ended (exit {proc.popen.returncode}) before {n} trials trained:\n"
                         f"{proc.err.read_text()}")
         time.sleep(0.1)
-    proc.popen.kill()
     pytest.fail(f"no {n} trials were training after {WAIT_S} s")
 
 
@@ -248,8 +258,8 @@ def test_worker_killed_right_after_claiming_does_not_block_the_study(workdir: Pa
 def test_machines_opening_an_empty_sqlite_store_at_once(tmp_path: Path) -> None:
     """Several `run`s started together on a new store file (say, on a shared disk) all get it,
     instead of racing to create Optuna's tables ("table studies already exists")."""
-    outcomes = open_at_once(f"sqlite:///{tmp_path}/studies/new.db", 6, tmp_path / "sync")
-    assert outcomes == ["ok"] * 6
+    outcomes = open_at_once(f"sqlite:///{tmp_path}/studies/new.db", 8, tmp_path / "sync")
+    assert outcomes == ["ok"] * 8
 
 
 def test_machines_started_together_sample_different_parameters(workdir: Path) -> None:
@@ -263,7 +273,7 @@ def test_machines_started_together_sample_different_parameters(workdir: Path) ->
                            sampler="random", pruner="none", trials=10, data=DataSource(name="synthetic"))
     space = load_space(settings.space)
     storage = open_run_storage(settings.storage, heartbeat=10)
-    studies = [create_or_resume(settings, storage, space, "data-fingerprint", worker=0)[0] for _ in range(3)]
+    studies = [create_or_resume(settings, storage, space, "data-fingerprint")[0] for _ in range(3)]
     params = []
     for study in studies:  # each machine asks for its first trial
         trial = study.ask()

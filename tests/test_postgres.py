@@ -117,9 +117,15 @@ def machines(tmp_path: Path, url: str, k: int, *args: str) -> list[tuple[int, st
         procs.append((subprocess.Popen(cmd, cwd=home, stdout=out, stderr=err), home))
         out.close(), err.close()
     results = []
-    for proc, home in procs:
-        code = proc.wait(timeout=WAIT_S)
-        results.append((code, (home / "out.txt").read_text(), (home / "err.txt").read_text()))
+    try:
+        for proc, home in procs:
+            code = proc.wait(timeout=WAIT_S)
+            results.append((code, (home / "out.txt").read_text(), (home / "err.txt").read_text()))
+    finally:
+        for proc, _ in procs:  # none is left running when one hangs
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return results
 
 
