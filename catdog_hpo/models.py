@@ -129,6 +129,8 @@ def check_model(cfg: ModelConfig, image_size: int) -> None:
 
 def _init_cnn(model: nn.Module, activation: str) -> None:
     """Kaiming-normal convs and hidden linears for the activation; BN at identity; zero biases."""
+    if next(model.parameters()).is_meta:
+        return  # model_cost's shape-only copy: init on meta tensors would import torch._dynamo (~2 s)
     nonlin = _INIT_NONLINEARITY[activation]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     for m in model.modules():

@@ -382,12 +382,13 @@ def run(settings: RunSettings) -> int:
     from catdog_hpo.storage_url import mask_password
 
     space = load_space(settings.space)
-    storage = open_run_storage(settings.storage, settings.heartbeat)
     # Decode and cache the images once, before any worker starts: workers only load the cache.
+    # (Bad data is reported here, before a store is created for nothing.)
     import torch
 
     images = ImageProvider(settings.data, settings.studies_dir / "cache", torch.device("cpu"))
     data = images.get(base_image_size(space))
+    storage = open_run_storage(settings.storage, settings.heartbeat)
     study, grid = create_or_resume(settings, storage, space, data.fingerprint)
     target = min(settings.trials, grid) if grid else settings.trials
     where = mask_password(settings.storage)

@@ -257,3 +257,14 @@ def write_fake_pets(root: Path, n_trainval: int = 8, n_test: int = 4, size: int 
             lines.append(f"{image_id} {class_id} {species} {breed_id}")
         (base / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
     return base
+
+
+# A search space whose trials take well under a second on a CPU: 16 px, one or two small
+# blocks, one epoch; its grid has 6 points (depth 1 or 2 at 8 channels x 3 learning rates).
+TINY_SPACE: dict = {
+    "name": "tiny",
+    "base": {"image_size": 16, "model": {"family": "cnn", "head": "gap", "dropout": 0.0},
+             "optim": {"name": "adam", "scheduler": "none"}, "train": {"epochs": 1, "batch_size": 128}},
+    "blocks": {"depth": {"int": [1, 2]}, "channels": {"choices": [8, 16], "grid": [8]}},
+    "params": {"optim.lr": {"float": [1e-3, 3e-2], "log": True, "grid": [3e-3, 1e-2, 3e-2]}},
+}

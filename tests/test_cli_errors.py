@@ -19,16 +19,9 @@ import optuna
 import pytest
 import yaml
 
-from helpers import write_image_folder
+from helpers import TINY_SPACE, write_image_folder
 
-# A space whose one trial takes about a second on a CPU (same shape as test_study.TINY).
-TINY = {
-    "name": "tiny",
-    "base": {"image_size": 16, "model": {"family": "cnn", "head": "gap", "dropout": 0.0},
-             "optim": {"name": "adam", "scheduler": "none"}, "train": {"epochs": 1, "batch_size": 128}},
-    "blocks": {"depth": {"int": [1, 2]}, "channels": {"choices": [8, 16], "grid": [8]}},
-    "params": {"optim.lr": {"float": [1e-3, 3e-2], "log": True, "grid": [3e-3, 1e-2, 3e-2]}},
-}
+TINY = TINY_SPACE
 SHARED_STUDY = "shared"  # made once by a real run; the reuse case points at it
 _PARALLEL = 3  # cases running at once (the machine has 2 cores; start-up is partly I/O)
 

@@ -27,16 +27,9 @@ from catdog_hpo.device import assign_gpus, parse_gpus
 from catdog_hpo.errors import UserError
 from catdog_hpo.study import count
 from concurrent_open import open_at_once
-from helpers import write_image_folder
+from helpers import TINY_SPACE, write_image_folder
 
-# Trials of about a second on a CPU (test_study.TINY's shape).
-TINY = {
-    "name": "tiny",
-    "base": {"image_size": 16, "model": {"family": "cnn", "head": "gap", "dropout": 0.0},
-             "optim": {"name": "adam", "scheduler": "none"}, "train": {"epochs": 1, "batch_size": 128}},
-    "blocks": {"depth": {"int": [1, 2]}, "channels": {"choices": [8, 16], "grid": [8]}},
-    "params": {"optim.lr": {"float": [1e-3, 3e-2], "log": True, "grid": [3e-3, 1e-2, 3e-2]}},
-}
+TINY = TINY_SPACE
 # Trials of a few seconds (6 epochs on the 1,000 synthetic images), so a signal sent as soon as
 # the first epoch is reported lands in the middle of training.
 SLOW = {**TINY, "name": "slow", "base": {**TINY["base"], "train": {"epochs": 6, "batch_size": 64}},

@@ -23,17 +23,12 @@ from optuna.trial import TrialState
 
 from catdog_hpo.storage_url import open_storage
 from catdog_hpo.study import count
+from helpers import TINY_SPACE
 from concurrent_open import open_at_once
 
 pytestmark = pytest.mark.postgres
 
-TINY = {
-    "name": "tiny",
-    "base": {"image_size": 16, "model": {"family": "cnn", "head": "gap", "dropout": 0.0},
-             "optim": {"name": "adam", "scheduler": "none"}, "train": {"epochs": 1, "batch_size": 128}},
-    "blocks": {"depth": {"int": [1, 2]}, "channels": {"choices": [8, 16], "grid": [8]}},
-    "params": {"optim.lr": {"float": [1e-3, 3e-2], "log": True, "grid": [3e-3, 1e-2, 3e-2]}},
-}
+TINY = TINY_SPACE
 GRID_SIZE = 6  # depth 1 or 2 (channels 8) x 3 learning rates
 WAIT_S = 300  # the most one `run` may take here
 

@@ -13,15 +13,9 @@ from catdog_hpo.data import DataSource
 from catdog_hpo.errors import UserError
 from catdog_hpo.objective import Budget
 from catdog_hpo.study import RunSettings, count, run
+from helpers import TINY_SPACE
 
-# A space whose trials take well under a second on a CPU: 16 px, one or two small blocks.
-TINY = {
-    "name": "tiny",
-    "base": {"image_size": 16, "model": {"family": "cnn", "head": "gap", "dropout": 0.0},
-             "optim": {"name": "adam", "scheduler": "none"}, "train": {"epochs": 1, "batch_size": 128}},
-    "blocks": {"depth": {"int": [1, 2]}, "channels": {"choices": [8, 16], "grid": [8]}},
-    "params": {"optim.lr": {"float": [1e-3, 3e-2], "log": True, "grid": [3e-3, 1e-2, 3e-2]}},
-}
+TINY = TINY_SPACE
 
 
 @pytest.fixture()
