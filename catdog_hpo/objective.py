@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 import torch
 
+from catdog_hpo import interrupts
 from catdog_hpo.config import TrialConfig, to_dict
 from catdog_hpo.data import DataSource, ImageSet, load_images
 from catdog_hpo.errors import ConfigError
@@ -99,13 +100,17 @@ def run_trial(
 
     def on_epoch_end(stats: EpochStats) -> None:
         history.append(asdict(stats))
-        trial.report(stats.val_acc, stats.epoch)
-        if trial.should_prune():
-            _record_history(trial, history)
+        with interrupts.deferred():  # Ctrl-C waits for the store writes, then stops the trial
+            trial.report(stats.val_acc, stats.epoch)
+            prune = trial.should_prune()
+            if prune:
+                _record_history(trial, history)
+        if prune:
             raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
 
     started = time.perf_counter()
-    result = fit(cfg, data, images.device, on_epoch_end=on_epoch_end)
+    with interrupts.allowed():  # training: a signal stops it at once
+        result = fit(cfg, data, images.device, on_epoch_end=on_epoch_end)
     _record_history(trial, history)
     trial.set_user_attr("best_epoch", result.best_epoch)
     if result.status != "completed":

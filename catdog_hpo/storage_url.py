@@ -100,6 +100,17 @@ def open_storage(
 
 
 @contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes on this machine, held on ``path`` (created if missing)."""
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def _schema_lock(parsed, url: str) -> Iterator[None]:  # parsed: sqlalchemy.engine.URL
     """Held while RDBStorage creates Optuna's tables in a new store: processes opening the same
     empty store at once (machines started together) would otherwise race to create them, and
@@ -112,12 +123,8 @@ def _schema_lock(parsed, url: str) -> Iterator[None]:  # parsed: sqlalchemy.engi
         if not database or database == ":memory:" or database.startswith("file:"):
             yield
             return
-        with open(f"{database}.lock", "a+") as fh:  # the lock file study.study_lock uses too
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with file_lock(Path(f"{database}.lock")):  # the lock file study.study_lock uses too
+            yield
         return
     if backend not in ("postgresql", "mysql", "mariadb"):
         yield

@@ -14,7 +14,6 @@ twice and none is left behind (Optuna's own GridSampler loses or repeats points 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gc
 import hashlib
 import math
@@ -32,7 +31,7 @@ from typing import Any, Callable, Iterator
 import optuna
 from optuna.trial import TrialState
 
-from catdog_hpo import __version__
+from catdog_hpo import __version__, interrupts
 from catdog_hpo.data import DataSource
 from catdog_hpo.errors import UserError
 from catdog_hpo.objective import Budget, ImageProvider, TrialFailed, run_trial
@@ -121,13 +120,10 @@ def study_lock(storage: optuna.storages.BaseStorage, url: str, study_name: str) 
     advisory lock on PostgreSQL, GET_LOCK on MySQL/MariaDB."""
     key = int(hashlib.sha256(study_name.encode()).hexdigest()[:15], 16)  # fits a signed bigint
     if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):] + ".lock")
-        with open(path, "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        from catdog_hpo.storage_url import file_lock
+
+        with file_lock(Path(url[len("sqlite:///"):] + ".lock")):
+            yield
         return
     engine = getattr(storage, "engine", None)
     if engine is None or engine.dialect.name not in ("postgresql", "mysql", "mariadb"):
@@ -288,11 +284,13 @@ def work(settings: RunSettings, worker: int, device: str, deadline: float | None
     overrides = overrides_of(settings)
     fails_in_a_row = 0
     while deadline is None or time.time() < deadline:
+        interrupts.check()  # a signal that came during the last trial's store writes
         trial = claim_trial(study, storage, settings, grid)
         if trial == "done":
             return
         if trial == "wait":
-            time.sleep(_POLL_S)
+            with interrupts.allowed():
+                time.sleep(_POLL_S)
             continue
         # The heartbeat thread study.optimize runs too (ours is an ask/tell loop, for the budget).
         with optuna.storages._heartbeat.get_heartbeat_thread(trial._trial_id, storage):
@@ -315,11 +313,12 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, space: Space, overrides: 
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         return TrialState.PRUNED
-    except (KeyboardInterrupt, _Terminated) as exc:
+    except (KeyboardInterrupt, interrupts.Terminated) as exc:
         # Not the trial's fault: fail it, and queue its parameters to run first on resume.
         # A second signal must not cut this short and leave the trial RUNNING.
-        _ignore_signals()
-        trial.set_user_attr("fail_reason", f"interrupted ({type(exc).__name__})")
+        interrupts.ignore()
+        trial.set_user_attr("fail_reason", "interrupted (SIGTERM)" if isinstance(exc, interrupts.Terminated)
+                            else "interrupted (Ctrl-C)")
         study.tell(trial, state=TrialState.FAIL)
         if trial.params:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
@@ -347,26 +346,12 @@ def _fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
     study.tell(trial, state=TrialState.FAIL)
 
 
-def _ignore_signals() -> None:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-class _Terminated(Exception):
-    """SIGTERM, turned into an exception so the running trial is closed like on Ctrl-C."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated()
-
-
 def _worker_main(settings: RunSettings, worker: int, device: str, deadline: float | None) -> None:
     """Entry point of a worker process (spawned: no CUDA state shared with the parent)."""
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    interrupts.install()
     try:
         work(settings, worker, device, deadline)
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, interrupts.Terminated):
         sys.exit(130)
     except UserError as exc:
         print(f"worker {worker}: error: {exc}", file=sys.stderr)
@@ -400,18 +385,21 @@ def run(settings: RunSettings) -> int:
               + (" (the whole grid)" if target == grid else f" (--trials {settings.trials})"))
     progress = Progress(study, target, enabled=settings.progress)
     deadline = time.time() + settings.timeout if settings.timeout else None
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    # One worker runs here: signals wait for safe points. The parent of K workers only polls.
+    previous = interrupts.install(allowed=settings.workers > 1)
     try:
         if settings.workers == 1:
             work(settings, 0, settings.devices[0], deadline, on_trial_end=progress.poll, images=images)
         else:
             _run_workers(settings, deadline, progress)
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, interrupts.Terminated):
         progress.close()
         finished, _, _ = count(study)
         print(f"interrupted at {finished}/{target} finished trials; the running trial was closed and "
               f"will run first on resume. Resume with the same command.", file=sys.stderr)
         return 130
+    finally:
+        interrupts.restore(previous)
     progress.poll()
     progress.close()
     return _summary(study, target)

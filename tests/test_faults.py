@@ -150,7 +150,7 @@ def test_sigint_then_sigterm_close_the_trial_and_rerun_reaches_n(workdir: Path) 
     assert not study.get_trials(states=(TrialState.RUNNING,))
     first = study.trials[0]
     assert first.state == TrialState.FAIL
-    assert first.user_attrs["fail_reason"] == "interrupted (KeyboardInterrupt)"
+    assert first.user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
     assert queued(study) == [first.params]  # queued to run first on resume
     waiting = study.get_trials(states=(TrialState.WAITING,))
 
@@ -163,7 +163,7 @@ def test_sigint_then_sigterm_close_the_trial_and_rerun_reaches_n(workdir: Path) 
     assert not study.get_trials(states=(TrialState.RUNNING,))
     second = study.trials[waiting[0].number]
     assert second.state == TrialState.FAIL and second.params == first.params
-    assert second.user_attrs["fail_reason"] == "interrupted (_Terminated)"
+    assert second.user_attrs["fail_reason"] == "interrupted (SIGTERM)"
 
     # A third run finishes the study with those parameters: exactly 1 finished trial.
     code, out, err = cli(workdir, args, "c")
@@ -186,7 +186,7 @@ def test_sigterm_to_parent_closes_every_workers_trial(workdir: Path) -> None:
     assert all(study.trials[n].state in (TrialState.FAIL, TrialState.COMPLETE) for n in training)
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert 1 <= len(failed) <= 2
-    assert all(t.user_attrs["fail_reason"] == "interrupted (_Terminated)" for t in failed)
+    assert all(t.user_attrs["fail_reason"] == "interrupted (SIGTERM)" for t in failed)
     assert sorted(map(str, queued(study))) == sorted(str(t.params) for t in failed)
 
 
