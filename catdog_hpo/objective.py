@@ -6,7 +6,6 @@ the engine (``train.fit``) knows nothing of Optuna and only calls ``on_epoch_end
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +107,6 @@ def run_trial(
         if prune:
             raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
 
-    started = time.perf_counter()
     with interrupts.allowed():  # training: a signal stops it at once
         result = fit(cfg, data, images.device, on_epoch_end=on_epoch_end)
     _record_history(trial, history)
@@ -119,7 +117,7 @@ def run_trial(
         from catdog_hpo.artifacts import upload_training_curves
 
         upload_training_curves(trial.study, trial, history, artifact_store)
-    assert result.history, f"fit returned no epochs after {time.perf_counter() - started:.1f} s"
+    assert result.history, "a completed fit has at least one epoch"
     return result.history[-1].val_acc
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from typing import Any
 
 import optuna
@@ -42,7 +41,6 @@ class Progress:
         self._study = study
         self._seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
         finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
-        self._started = time.time()
         self._done = min(finished, target)  # finished trials shown so far (tqdm's own count is off when disabled)
         # The bar only on a terminal: in a log file it would be a wall of carriage returns.
         enabled = enabled and sys.stderr.isatty()

@@ -263,23 +263,46 @@ def claim_trial(study: optuna.Study, storage: Any, settings: RunSettings, grid: 
 # --------------------------------------------------------------------------- one worker
 
 
-def work(settings: RunSettings, worker: int, device: str, deadline: float | None,
-         on_trial_end: Callable[[], None] | None = None, images: ImageProvider | None = None) -> None:
+@dataclass
+class Opened:
+    """What a worker needs, opened once: the space, the store, the study and the images."""
+
+    space: Space
+    storage: Any
+    study: optuna.Study
+    grid: int  # grid points (0: not a grid study)
+    images: ImageProvider
+
+
+def open_study(settings: RunSettings, device: str) -> Opened:
+    """Load the space and the images (on ``device``), then create or resume the study."""
+    import torch
+
+    space = load_space(settings.space)
+    # The images first: bad data is reported before a store is created for nothing, and they are
+    # decoded and cached once, so workers started after this only load the cache.
+    images = ImageProvider(settings.data, settings.studies_dir / "cache", torch.device(device))
+    fingerprint = images.get(base_image_size(space)).fingerprint
+    storage = open_run_storage(settings.storage, settings.heartbeat)
+    study, grid = create_or_resume(settings, storage, space, fingerprint)
+    return Opened(space, storage, study, grid, images)
+
+
+def work(settings: RunSettings, device: str, deadline: float | None,
+         on_trial_end: Callable[[], None] | None = None, opened: Opened | None = None) -> None:
     """Claim and run trials until the study has its N (or the grid is done, or time is up)."""
     import torch
 
     from catdog_hpo.artifacts import artifact_store
 
-    space = load_space(settings.space)
-    storage = open_run_storage(settings.storage, settings.heartbeat)
     if device == "cpu" and settings.workers > 1:
         # Share the cores: K workers each running all-core OpenMP pools oversubscribe the CPU,
         # and spinning threads made steps 5-20x slower when measured on 2 cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
-    if images is None or str(images.device) != device:
-        images = ImageProvider(settings.data, settings.studies_dir / "cache", torch.device(device))
-    fingerprint = images.get(base_image_size(space)).fingerprint
-    study, grid = create_or_resume(settings, storage, space, fingerprint)
+    if opened is None:
+        opened = open_study(settings, device)
+    space, storage, study, grid, images = (opened.space, opened.storage, opened.study, opened.grid,
+                                           opened.images)
     store = artifact_store(settings.studies_dir)
     overrides = overrides_of(settings)
     fails_in_a_row = 0
@@ -350,7 +373,7 @@ def _worker_main(settings: RunSettings, worker: int, device: str, deadline: floa
     """Entry point of a worker process (spawned: no CUDA state shared with the parent)."""
     interrupts.install()
     try:
-        work(settings, worker, device, deadline)
+        work(settings, device, deadline)
     except (KeyboardInterrupt, interrupts.Terminated):
         sys.exit(130)
     except UserError as exc:
@@ -366,15 +389,11 @@ def run(settings: RunSettings) -> int:
     from catdog_hpo.progress import Progress
     from catdog_hpo.storage_url import mask_password
 
-    space = load_space(settings.space)
-    # Decode and cache the images once, before any worker starts: workers only load the cache.
-    # (Bad data is reported here, before a store is created for nothing.)
-    import torch
-
-    images = ImageProvider(settings.data, settings.studies_dir / "cache", torch.device("cpu"))
-    data = images.get(base_image_size(space))
-    storage = open_run_storage(settings.storage, settings.heartbeat)
-    study, grid = create_or_resume(settings, storage, space, data.fingerprint)
+    # One worker runs in this process, on its device; K workers each open their own, and this
+    # process only decodes the images for them (on the CPU) and polls the study.
+    opened = open_study(settings, settings.devices[0] if settings.workers == 1 else "cpu")
+    space, study, grid = opened.space, opened.study, opened.grid
+    data = opened.images.get(base_image_size(space))
     target = min(settings.trials, grid) if grid else settings.trials
     where = mask_password(settings.storage)
     print(f"study {settings.study!r} in {where}: space {space.name}, sampler {settings.sampler}, "
@@ -389,7 +408,7 @@ def run(settings: RunSettings) -> int:
     previous = interrupts.install(allowed=settings.workers > 1)
     try:
         if settings.workers == 1:
-            work(settings, 0, settings.devices[0], deadline, on_trial_end=progress.poll, images=images)
+            work(settings, settings.devices[0], deadline, on_trial_end=progress.poll, opened=opened)
         else:
             _run_workers(settings, deadline, progress)
     except (KeyboardInterrupt, interrupts.Terminated):
