@@ -4,7 +4,7 @@ Both train the seed-000 CNN (ModelConfig() defaults: 3 blocks 32/64/128, 3x3, ma
 FC 512, dropout 0.5) with Adam(lr 1e-3, weight decay 1e-4), StepLR(5, 0.1), batch 64, the same
 initial weights (seed 0), on /work/shared/data/catdog-kaggle-3k (2,000 train / 1,000 val).
 
-- engine: ``catdog_hpo.train.fit`` on the decoded uint8 set (decoded once by ``load_images``:
+- engine: ``catdog_hpo.engine.train.fit`` on the decoded uint8 set (decoded once by ``load_images``:
   centre square scaled to PX; the one-time decode, or the cache read, is the "load s" column),
   random resized crop at strength 1 (torchvision's default scale 0.08-1 and ratio 3/4-4/3) +
   flip on the device. It drops the last partial batch (31 x 64 of the 2,000 images per epoch).
@@ -32,10 +32,10 @@ sys.path.insert(0, str(REPO))
 
 from catdog_hpo.config import AugmentConfig, ModelConfig, OptimConfig, TrainConfig, TrialConfig  # noqa: E402
 from catdog_hpo.data import DataSource, load_images  # noqa: E402
-from catdog_hpo.data.augment import MEAN, STD  # noqa: E402
-from catdog_hpo.device import resolve_device  # noqa: E402
-from catdog_hpo.models import build_model  # noqa: E402
-from catdog_hpo.train import fit  # noqa: E402
+from catdog_hpo.engine.augment import MEAN, STD  # noqa: E402
+from catdog_hpo.engine.device import resolve_device  # noqa: E402
+from catdog_hpo.engine.models import build_model  # noqa: E402
+from catdog_hpo.engine.train import fit  # noqa: E402
 
 BATCH = 64
 SEED = 0

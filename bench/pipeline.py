@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from catdog_hpo.config import AugmentConfig  # noqa: E402
 from catdog_hpo.data import DataSource, load_images  # noqa: E402
-from catdog_hpo.data.augment import MEAN, STD, augment_batch  # noqa: E402
+from catdog_hpo.engine.augment import MEAN, STD, augment_batch  # noqa: E402
 
 BATCH = 64
 GATHER_LABEL = {"index_select": "x.index_select(0, idx)", "index": "x[idx]"}

@@ -43,8 +43,8 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from catdog_hpo.data import DataSource  # noqa: E402
-from catdog_hpo.storage_url import open_storage  # noqa: E402
-from catdog_hpo.study import RunSettings, claim_trial, open_run_storage  # noqa: E402
+from catdog_hpo.search.storage import open_storage  # noqa: E402
+from catdog_hpo.search.study import RunSettings, claim_trial, open_run_storage  # noqa: E402
 
 STUDY = "bench"
 HEARTBEAT_S = 10  # `run`'s default --heartbeat

@@ -1,6 +1,6 @@
 """Open one study store from several processes at the same instant (test helper).
 
-Each process imports catdog_hpo.storage_url, says it is ready, waits for a shared "go" file and
+Each process imports catdog_hpo.search.storage, says it is ready, waits for a shared "go" file and
 then calls open_storage: that is the moment several machines started together meet an empty
 store. Used by tests/test_faults.py (SQLite) and tests/test_postgres.py (PostgreSQL, MariaDB).
 """
@@ -16,7 +16,7 @@ _OPENER = """
 import sys, time
 from pathlib import Path
 from catdog_hpo.errors import UserError
-from catdog_hpo.storage_url import open_storage
+from catdog_hpo.search.storage import open_storage
 
 url, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 ready.touch()

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
 from catdog_hpo.config import ModelConfig, OptimConfig, TrainConfig, TrialConfig, to_dict  # noqa: E402
-from catdog_hpo.storage_url import open_storage  # noqa: E402
+from catdog_hpo.search.storage import open_storage  # noqa: E402
 
 # The factory's search space: names shaped like the real spaces' ("group.field").
 DISTRIBUTIONS = {
@@ -90,7 +90,7 @@ def demo_store(root: Path, name: str = "demo", **kwargs: Any) -> str:
 
     The store is settled (one .db file, artifacts beside it) so ``copy_store`` can clone it.
     """
-    from catdog_hpo.artifacts import artifact_store
+    from catdog_hpo.search.artifacts import artifact_store
 
     db = Path(root) / "studies" / "catdog.db"
     make_study(f"sqlite:///{db}", name, store=artifact_store(db.parent), **kwargs)
@@ -190,7 +190,7 @@ def _add_trial(study: optuna.Study, kind: str, epochs: int, rng: random.Random, 
         study.tell(trial, state=TrialState.PRUNED)
     else:
         if store is not None:
-            from catdog_hpo.artifacts import upload_training_curves
+            from catdog_hpo.search.artifacts import upload_training_curves
 
             upload_training_curves(study, trial, history, store)
         study.tell(trial, max(accs))

@@ -1,4 +1,4 @@
-"""Batched augmentation (catdog_hpo.data.augment): shapes, devices, determinism, and that each
+"""Batched augmentation (catdog_hpo.engine.augment): shapes, devices, determinism, and that each
 transform does what it says (flip mirrors, pad shifts by whole pixels, crops stay inside)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from catdog_hpo.config import AugmentConfig
-from catdog_hpo.data.augment import MEAN, STD, augment_batch, normalize_batch
+from catdog_hpo.engine.augment import MEAN, STD, augment_batch, normalize_batch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

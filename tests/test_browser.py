@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from catdog_hpo.report import write_report
-from catdog_hpo.storage_url import open_storage
+from catdog_hpo.view.report import write_report
+from catdog_hpo.search.storage import open_storage
 from study_factory import demo_store, make_study
 from test_dashboard import get_json, start_dashboard, stop
 

@@ -138,7 +138,7 @@ def _copy_store(src: Path, dst: Path) -> None:
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with the shared store (one study, one finished trial) and the bad inputs."""
     from catdog_hpo.data import DataSource
-    from catdog_hpo.study import RunSettings, run
+    from catdog_hpo.search.study import RunSettings, run
 
     root = tmp_path_factory.mktemp("cli_errors")
     (root / "tiny.yaml").write_text(yaml.safe_dump(TINY))

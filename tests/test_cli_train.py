@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from catdog_hpo.checkpoint import load_checkpoint, load_model
+from catdog_hpo.ship.checkpoint import load_checkpoint, load_model
 from catdog_hpo.cli import main
 from helpers import write_image_folder
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from catdog_hpo.cli import main
-from catdog_hpo.dashboard import dashboard_url, exposure_warning, is_loopback
+from catdog_hpo.view.dashboard import dashboard_url, exposure_warning, is_loopback
 from catdog_hpo.errors import UserError
-from catdog_hpo.storage_url import load_study, mask_password, open_storage
+from catdog_hpo.search.storage import load_study, mask_password, open_storage
 from study_factory import copy_store, demo_store, make_study
 
 FACTORY = Path(__file__).with_name("study_factory.py")

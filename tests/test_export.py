@@ -19,7 +19,7 @@ from PIL import Image
 from catdog_hpo.cli import main
 from catdog_hpo.config import FORMAT_VERSION, TrialConfig, from_dict, load_trial_config, read_mapping
 from catdog_hpo.errors import UserError
-from catdog_hpo.export import ExportSettings, export_trial, first_difference, pick_trial, replay_config
+from catdog_hpo.ship.trialfile import ExportSettings, export_trial, first_difference, pick_trial, replay_config
 from study_factory import make_study
 
 TINY_SPACE = """\
@@ -63,7 +63,7 @@ def write_color_folder(root: Path, n_per_class: int = 24, seed: int = 0, classes
 def make_tiny_study(tmp: Path, trials: int = 3, name: str = "tiny") -> dict:
     """Run a real study (random sampler, 2 epochs) on tiny PNGs; return where everything is."""
     from catdog_hpo.data import DataSource
-    from catdog_hpo.study import RunSettings, run
+    from catdog_hpo.search.study import RunSettings, run
 
     data = write_color_folder(tmp / "data")
     space = tmp / "tiny_space.yaml"

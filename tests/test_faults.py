@@ -23,9 +23,9 @@ import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from catdog_hpo.device import assign_gpus, parse_gpus
+from catdog_hpo.engine.device import assign_gpus, parse_gpus
 from catdog_hpo.errors import UserError
-from catdog_hpo.study import count
+from catdog_hpo.search.study import count
 from concurrent_open import open_at_once
 from helpers import TINY_SPACE, write_image_folder
 
@@ -259,8 +259,8 @@ def test_machines_started_together_sample_different_parameters(workdir: Path) ->
     """Each machine's `run` is its own worker 0 and finds the study with the same number of
     trials; their samplers must still draw different parameters, or they run the same trials."""
     from catdog_hpo.data import DataSource
-    from catdog_hpo.spaces import load_space, resolve
-    from catdog_hpo.study import RunSettings, create_or_resume, open_run_storage
+    from catdog_hpo.search.spaces import load_space, resolve
+    from catdog_hpo.search.study import RunSettings, create_or_resume, open_run_storage
 
     settings = RunSettings(study=STUDY, storage=f"sqlite:///{workdir}/{DB}", space=str(workdir / "tiny.yaml"),
                            sampler="random", pruner="none", trials=10, data=DataSource(name="synthetic"))

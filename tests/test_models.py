@@ -11,7 +11,7 @@ from torch import nn
 
 from catdog_hpo.config import BlockConfig, ModelConfig
 from catdog_hpo.errors import ConfigError, UserError
-from catdog_hpo.models import (
+from catdog_hpo.engine.models import (
     ACTIVATIONS,
     FAMILIES,
     HEADS,

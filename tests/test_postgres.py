@@ -21,8 +21,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from catdog_hpo.storage_url import open_storage
-from catdog_hpo.study import count
+from catdog_hpo.search.storage import open_storage
+from catdog_hpo.search.study import count
 from helpers import TINY_SPACE
 from concurrent_open import open_at_once
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from catdog_hpo.checkpoint import save_checkpoint
+from catdog_hpo.ship.checkpoint import save_checkpoint
 from catdog_hpo.cli import main
 from catdog_hpo.config import BlockConfig, ModelConfig, TrialConfig
 from catdog_hpo.data import DataSource, load_images
-from catdog_hpo.data.augment import normalize_batch
-from catdog_hpo.formats import (META_KEY, ModelMeta, check_onnx, export_all, load_torchscript,
+from catdog_hpo.engine.augment import normalize_batch
+from catdog_hpo.ship.formats import (META_KEY, ModelMeta, check_onnx, export_all, load_torchscript,
                                 onnx_session)
-from catdog_hpo.models import build_model
-from catdog_hpo.predict import format_table, load_predictor, normalize, predict
+from catdog_hpo.engine.models import build_model
+from catdog_hpo.ship.predict import format_table, load_predictor, normalize, predict
 
 SIZE = 16  # px
 CLASSES = ("cat", "dog")
@@ -60,7 +60,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model = build_model(CFG.model, len(CLASSES), SIZE).eval()
     ck = tmp / "model.pt"
     save_checkpoint(ck, model.state_dict(), CFG, CLASSES, {"val_acc": 0.5})
-    from catdog_hpo.data.augment import MEAN, STD
+    from catdog_hpo.engine.augment import MEAN, STD
 
     meta = ModelMeta(CLASSES, SIZE, tuple(MEAN), tuple(STD))
     batch = normalize_batch(torch.randint(0, 256, (8, 3, SIZE, SIZE), dtype=torch.uint8))

@@ -12,7 +12,7 @@ from plotly.offline import get_plotlyjs
 
 from catdog_hpo.cli import main
 from catdog_hpo.errors import UserError
-from catdog_hpo.report import (
+from catdog_hpo.view.report import (
     MIN_TRIALS_FOR_IMPORTANCE,
     STATE_COLORS,
     best_so_far,
@@ -20,7 +20,7 @@ from catdog_hpo.report import (
     render_report,
     write_report,
 )
-from catdog_hpo.storage_url import open_storage
+from catdog_hpo.search.storage import open_storage
 from study_factory import FAIL_REASON, REJECT_REASON, make_study
 
 PLOT_SECTIONS = ("history", "intermediate", "parallel", "importance", "slice")

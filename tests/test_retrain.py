@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from catdog_hpo.checkpoint import load_checkpoint
+from catdog_hpo.ship.checkpoint import load_checkpoint
 from catdog_hpo.cli import main
 from catdog_hpo.config import TrialConfig, from_dict, read_mapping, to_dict, write_mapping
 from catdog_hpo.data import DataSource
 from catdog_hpo.errors import UserError
-from catdog_hpo.export import ExportSettings, export_trial
-from catdog_hpo.metrics import accuracy, classification_report, confusion_matrix, mean_std
-from catdog_hpo.retrain import RetrainSettings, retrain
+from catdog_hpo.ship.trialfile import ExportSettings, export_trial
+from catdog_hpo.engine.metrics import accuracy, classification_report, confusion_matrix, mean_std
+from catdog_hpo.ship.retrain import RetrainSettings, retrain
 from test_export import color_image, make_tiny_study, write_color_folder
 
 CPU = "cpu"
@@ -160,7 +160,7 @@ def test_exports_match_pytorch_and_a_failed_export_keeps_the_checkpoint(
         assert 0 <= m["exports"][fmt]["max_abs_diff"] < 1e-4
         assert (out / name).is_file() and f"{fmt}: {out / name} (max |logit diff| vs PyTorch" in text
 
-    import catdog_hpo.formats as formats
+    import catdog_hpo.ship.formats as formats
 
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("exporter exploded")
@@ -203,7 +203,7 @@ def test_export_file_config_is_the_trials(tiny: dict) -> None:
 
 def test_test_dir_labels_follow_the_models_class_order(tmp_path: Path) -> None:
     """Folders are read in sorted order; labels are mapped to the model's order by name."""
-    from catdog_hpo.retrain import load_test_set
+    from catdog_hpo.ship.retrain import load_test_set
 
     test = write_test_dir(tmp_path / "t", n=3)  # cat/ and dog/
     x, y, skipped = load_test_set(test, ("dog", "cat"), 16)

@@ -9,7 +9,7 @@ from optuna.trial import FixedTrial
 
 from catdog_hpo.config import TrialConfig
 from catdog_hpo.errors import ConfigError, UserError
-from catdog_hpo.spaces import builtin_spaces, grid_points, load_space, parse_space, resolve
+from catdog_hpo.search.spaces import builtin_spaces, grid_points, load_space, parse_space, resolve
 
 SMALL = {
     "name": "small",

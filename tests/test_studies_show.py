@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from catdog_hpo.cli import main
-from catdog_hpo.report import format_table, study_summaries, top_trials
-from catdog_hpo.storage_url import open_storage
+from catdog_hpo.view.report import format_table, study_summaries, top_trials
+from catdog_hpo.search.storage import open_storage
 from study_factory import FAIL_REASON, make_study
 
 

@@ -11,8 +11,8 @@ from optuna.trial import TrialState
 
 from catdog_hpo.data import DataSource
 from catdog_hpo.errors import UserError
-from catdog_hpo.objective import Budget
-from catdog_hpo.study import RunSettings, count, run
+from catdog_hpo.search.objective import Budget
+from catdog_hpo.search.study import RunSettings, count, run
 from helpers import TINY_SPACE
 
 TINY = TINY_SPACE
@@ -70,7 +70,7 @@ def test_same_seed_same_parameters(workdir: Path) -> None:
 
 
 def test_resume_after_interrupt_reaches_exactly_n(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import catdog_hpo.study as study_mod
+    import catdog_hpo.search.study as study_mod
 
     real = study_mod.run_trial
     calls = {"n": 0}
@@ -78,7 +78,7 @@ def test_resume_after_interrupt_reaches_exactly_n(workdir: Path, monkeypatch: py
     def interrupt_third(trial: optuna.Trial, space: object, overrides: dict, *rest: object) -> float:
         calls["n"] += 1
         if calls["n"] == 3:  # Ctrl-C in the middle of training: its parameters are known
-            from catdog_hpo.spaces import resolve
+            from catdog_hpo.search.spaces import resolve
 
             resolve(space, trial, overrides)
             raise KeyboardInterrupt
@@ -169,7 +169,7 @@ def test_three_workers_random_stop_at_exactly_n(workdir: Path) -> None:
 def test_cuda_oom_fails_the_trial_and_the_study_goes_on(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    import catdog_hpo.study as study_mod
+    import catdog_hpo.search.study as study_mod
 
     real = study_mod.run_trial
     calls = {"n": 0}

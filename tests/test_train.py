@@ -13,15 +13,15 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import catdog_hpo.train as train_module
+import catdog_hpo.engine.train as train_module
 from catdog_hpo.config import AugmentConfig, BlockConfig, ModelConfig, OptimConfig, TrainConfig, TrialConfig
 from catdog_hpo.config import OPTIMIZERS as OPTIMIZER_CHOICES, SCHEDULERS as SCHEDULER_CHOICES
 from catdog_hpo.data import ImageSet
-from catdog_hpo.checkpoint import load_checkpoint, load_model, save_checkpoint
-from catdog_hpo.device import assign_gpus, parse_gpus, resolve_device
+from catdog_hpo.ship.checkpoint import load_checkpoint, load_model, save_checkpoint
+from catdog_hpo.engine.device import assign_gpus, parse_gpus, resolve_device
 from catdog_hpo.errors import ConfigError, UserError
-from catdog_hpo.models import build_model
-from catdog_hpo.train import OPTIMIZERS, SCHEDULERS, EpochStats, fit
+from catdog_hpo.engine.models import build_model
+from catdog_hpo.engine.train import OPTIMIZERS, SCHEDULERS, EpochStats, fit
 
 CPU = torch.device("cpu")
 SIZE = 16  # px
@@ -78,7 +78,7 @@ def test_best_state_is_the_best_epoch(data: ImageSet) -> None:
     model = build_model(cfg.model, 3, SIZE)
     model.load_state_dict(result.best_state)
     model.eval()
-    from catdog_hpo.data.augment import normalize_batch
+    from catdog_hpo.engine.augment import normalize_batch
 
     with torch.no_grad():
         acc = (model(normalize_batch(data.val_x)).argmax(1) == data.val_y).float().mean().item()

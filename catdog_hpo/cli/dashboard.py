@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from catdog_hpo.dashboard import serve_dashboard
+    from catdog_hpo.view.dashboard import serve_dashboard
 
     serve_dashboard(args.storage, args.artifacts, host=args.host, port=args.port)
     return 0

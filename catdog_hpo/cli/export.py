@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from catdog_hpo.export import ExportSettings, export_trial
+    from catdog_hpo.ship.trialfile import ExportSettings, export_trial
 
     done = export_trial(ExportSettings(study=args.study, storage=args.storage, trial=args.trial,
                                        out=args.out, studies_dir=STUDIES_DIR))

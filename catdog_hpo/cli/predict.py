@@ -30,9 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from catdog_hpo.device import resolve_device
+    from catdog_hpo.engine.device import resolve_device
     from catdog_hpo.errors import UserError
-    from catdog_hpo.predict import format_table, json_lines, load_predictor, predict
+    from catdog_hpo.ship.predict import format_table, json_lines, load_predictor, predict
 
     predictor = load_predictor(args.model, resolve_device(args.device))
     rows = predict(predictor, args.images)

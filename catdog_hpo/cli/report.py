@@ -25,8 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from catdog_hpo.report import write_report
-    from catdog_hpo.storage_url import open_storage
+    from catdog_hpo.view.report import write_report
+    from catdog_hpo.search.storage import open_storage
 
     storage = open_storage(args.storage, create=False)
     files = write_report(storage, args.study, compare=args.compare, out_dir=args.out, storage_url=args.storage)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from catdog_hpo.cli.common import STUDIES_DIR, add_data_args, add_device_arg, data_source, positive_int
 
-TRAIN_ON_CHOICES = ("train", "train+val")  # catdog_hpo.retrain.TRAIN_ON
+TRAIN_ON_CHOICES = ("train", "train+val")  # catdog_hpo.ship.retrain.TRAIN_ON
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +64,7 @@ def _source(args: argparse.Namespace):  # -> DataSource | None
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from catdog_hpo.retrain import FORMATS, RetrainSettings, retrain
+    from catdog_hpo.ship.retrain import FORMATS, RetrainSettings, retrain
 
     settings = RetrainSettings(
         config=args.config, data=_source(args), epochs=args.epochs, seed=args.seed, seeds=args.seeds,

@@ -8,8 +8,8 @@ from pathlib import Path
 from catdog_hpo.cli.common import STUDIES_DIR, add_data_args, add_device_arg, add_storage_arg, data_source, positive_int
 from catdog_hpo.errors import UserError
 
-SAMPLER_CHOICES = ("tpe", "random", "grid")  # catdog_hpo.study.SAMPLERS keys
-PRUNER_CHOICES = ("median", "sha", "hyperband", "patient", "none")  # catdog_hpo.study.PRUNERS keys
+SAMPLER_CHOICES = ("tpe", "random", "grid")  # catdog_hpo.search.study.SAMPLERS keys
+PRUNER_CHOICES = ("median", "sha", "hyperband", "patient", "none")  # catdog_hpo.search.study.PRUNERS keys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,9 +49,9 @@ def _handle(args: argparse.Namespace) -> int:
     source = data_source(args)
     if args.timeout is not None and args.timeout <= 0:
         raise UserError(f"--timeout {args.timeout}: must be more than 0 seconds")
-    from catdog_hpo.device import assign_gpus, parse_gpus, resolve_device
-    from catdog_hpo.objective import Budget
-    from catdog_hpo.study import RunSettings, run
+    from catdog_hpo.engine.device import assign_gpus, parse_gpus, resolve_device
+    from catdog_hpo.search.objective import Budget
+    from catdog_hpo.search.study import RunSettings, run
 
     device = resolve_device(args.device)
     if device.type == "cuda":

@@ -20,8 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from catdog_hpo.report import format_trials, study_header, top_trials, write_trials_csv
-    from catdog_hpo.storage_url import load_study, open_storage
+    from catdog_hpo.view.report import format_trials, study_header, top_trials, write_trials_csv
+    from catdog_hpo.search.storage import load_study, open_storage
 
     study = load_study(open_storage(args.storage, create=False), args.study, args.storage)
     print(study_header(study))

@@ -16,8 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from catdog_hpo.report import format_study_summaries, study_summaries
-    from catdog_hpo.storage_url import mask_password, open_storage
+    from catdog_hpo.view.report import format_study_summaries, study_summaries
+    from catdog_hpo.search.storage import mask_password, open_storage
 
     rows = study_summaries(open_storage(args.storage, create=False))
     if not rows:

@@ -31,14 +31,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_handle)
 
 
-def _format_row(stats) -> str:  # stats: catdog_hpo.train.EpochStats
+def _format_row(stats) -> str:  # stats: catdog_hpo.engine.train.EpochStats
     return _ROW.format(stats.epoch, f"{stats.train_loss:.4f}", f"{stats.val_loss:.4f}",
                        f"{stats.val_acc:.4f}", f"{stats.seconds:.2f}", f"{stats.lr:.3g}")
 
 
 def _handle(args: argparse.Namespace) -> int:
     from catdog_hpo.config import load_trial_config, to_dict, write_mapping
-    from catdog_hpo.models import check_model, model_cost
+    from catdog_hpo.engine.models import check_model, model_cost
 
     cfg = load_trial_config(args.config)
     train_overrides = {}
@@ -51,10 +51,10 @@ def _handle(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else STUDIES_DIR / "runs" / args.config.stem
     source = data_source(args)
 
-    from catdog_hpo.checkpoint import save_checkpoint
+    from catdog_hpo.ship.checkpoint import save_checkpoint
     from catdog_hpo.data import load_images
-    from catdog_hpo.device import resolve_device
-    from catdog_hpo.train import fit
+    from catdog_hpo.engine.device import resolve_device
+    from catdog_hpo.engine.train import fit
 
     device = resolve_device(args.device)
     data = load_images(source, cfg.image_size, STUDIES_DIR / "cache")

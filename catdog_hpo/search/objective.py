@@ -13,11 +13,11 @@ from typing import Any
 import optuna
 import torch
 
-from catdog_hpo import interrupts
+from catdog_hpo.search import interrupts
 from catdog_hpo.config import TrialConfig, to_dict
 from catdog_hpo.data import DataSource, ImageSet, load_images
 from catdog_hpo.errors import ConfigError
-from catdog_hpo.spaces import Space, resolve
+from catdog_hpo.search.spaces import Space, resolve
 
 
 class TrialFailed(Exception):
@@ -57,7 +57,7 @@ class ImageProvider:
 
 def check_cost(cfg: TrialConfig, num_classes: int, budget: Budget) -> dict[str, int]:
     """Params and FLOPs of ``cfg``; ConfigError with the reason if it cannot be built or is over budget."""
-    from catdog_hpo.models import model_cost
+    from catdog_hpo.engine.models import model_cost
 
     cost = model_cost(cfg.model, num_classes, cfg.image_size)  # raises ConfigError if infeasible
     if budget.max_params is not None and cost.params > budget.max_params:
@@ -80,7 +80,7 @@ def run_trial(
     Raises optuna.TrialPruned when the pruner stops it or the cost guard turns it away (the
     reason is in the ``rejected`` user attribute), TrialFailed for a run without a value.
     """
-    from catdog_hpo.train import EpochStats, check_optim, fit
+    from catdog_hpo.engine.train import EpochStats, check_optim, fit
 
     try:
         cfg = resolve(space, trial, overrides)
@@ -114,7 +114,7 @@ def run_trial(
     if result.status != "completed":
         raise TrialFailed(result.reason or result.status)
     if artifact_store is not None:
-        from catdog_hpo.artifacts import upload_training_curves
+        from catdog_hpo.search.artifacts import upload_training_curves
 
         upload_training_curves(trial.study, trial, history, artifact_store)
     assert result.history, "a completed fit has at least one epoch"

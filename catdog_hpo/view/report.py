@@ -159,7 +159,7 @@ def write_report(
     ``out_dir`` defaults to ``studies/reports/<study>/``. Raises UserError for an unknown study
     (listing the known ones) or a study with no completed trial yet.
     """
-    from catdog_hpo.storage_url import load_study
+    from catdog_hpo.search.storage import load_study
 
     study = load_study(storage, study_name, storage_url)
     _check_reportable(study)

@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from catdog_hpo.config import FORMAT_VERSION, TrialConfig, to_dict, write_mapping
 from catdog_hpo.errors import ConfigError, UserError
-from catdog_hpo.spaces import base_image_size, load_space, resolve
+from catdog_hpo.search.spaces import base_image_size, load_space, resolve
 
 EXPORT_KIND = "catdog-hpo-export"
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -211,7 +211,7 @@ def retrain_command(path: Path) -> str:
 
 def export_trial(settings: ExportSettings) -> Exported:
     """Write the export file for the chosen trial; returns where, and the retrain command."""
-    from catdog_hpo.storage_url import load_study, open_storage
+    from catdog_hpo.search.storage import load_study, open_storage
 
     if settings.out is not None and settings.out.suffix.lower() not in SUFFIXES:
         raise UserError(f"--out {settings.out}: the file must end in {', '.join(SUFFIXES)} (YAML or JSON)")

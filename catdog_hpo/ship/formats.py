@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from catdog_hpo import __version__
-from catdog_hpo.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT_VERSION
+from catdog_hpo.ship.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT_VERSION
 from catdog_hpo.errors import UserError
 
 META_KEY = "catdog_hpo"  # ONNX metadata_props key / TorchScript extra file stem

@@ -19,9 +19,9 @@ from torch import nn
 
 from catdog_hpo import __version__
 from catdog_hpo.config import TrialConfig, from_dict, to_dict
-from catdog_hpo.data.augment import MEAN, STD
+from catdog_hpo.engine.augment import MEAN, STD
 from catdog_hpo.errors import ConfigError, UserError
-from catdog_hpo.models import build_model
+from catdog_hpo.engine.models import build_model
 
 FORMAT = "catdog-hpo-checkpoint"
 FORMAT_VERSION = 1

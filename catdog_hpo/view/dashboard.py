@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from catdog_hpo.errors import UserError
-from catdog_hpo.storage_url import mask_password, open_storage
+from catdog_hpo.search.storage import mask_password, open_storage
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080

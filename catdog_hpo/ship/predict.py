@@ -27,7 +27,7 @@ import torch
 
 from catdog_hpo.data.decode import IMAGE_EXTENSIONS, decode_files
 from catdog_hpo.errors import UserError
-from catdog_hpo.formats import ModelMeta
+from catdog_hpo.ship.formats import ModelMeta
 
 MODEL_SUFFIXES = {".pt": "checkpoint", ".pth": "checkpoint", ".onnx": "onnx", ".ts": "torchscript"}
 BATCH = 64  # images per forward pass
@@ -78,7 +78,7 @@ def load_predictor(path: Path, device: torch.device) -> Predictor:
 def _checkpoint_predictor(path: Path, device: torch.device) -> Predictor:
     import zipfile
 
-    from catdog_hpo.checkpoint import load_model
+    from catdog_hpo.ship.checkpoint import load_model
 
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; say so plainly for anything else
         raise UserError(f"--model {path}: not a catdog-hpo checkpoint (not a PyTorch zip archive)")
@@ -93,7 +93,7 @@ def _checkpoint_predictor(path: Path, device: torch.device) -> Predictor:
 
 
 def _torchscript_predictor(path: Path, device: torch.device) -> Predictor:
-    from catdog_hpo.formats import load_torchscript
+    from catdog_hpo.ship.formats import load_torchscript
 
     module, meta = load_torchscript(path)
     module = module.to(device)
@@ -106,7 +106,7 @@ def _torchscript_predictor(path: Path, device: torch.device) -> Predictor:
 
 
 def _onnx_predictor(path: Path, device: torch.device) -> Predictor:
-    from catdog_hpo.formats import INPUT_NAME, OUTPUT_NAME, onnx_session
+    from catdog_hpo.ship.formats import INPUT_NAME, OUTPUT_NAME, onnx_session
 
     session, meta = onnx_session(path)
 

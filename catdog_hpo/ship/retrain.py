@@ -28,8 +28,8 @@ from torch import nn
 from catdog_hpo.config import TrialConfig, load_trial_config, read_mapping, to_dict, write_mapping
 from catdog_hpo.data import DataSource, ImageSet, load_images
 from catdog_hpo.errors import ConfigError, UserError
-from catdog_hpo.formats import ExportResult, ModelMeta, export_all
-from catdog_hpo.metrics import classification_report, mean_std
+from catdog_hpo.ship.formats import ExportResult, ModelMeta, export_all
+from catdog_hpo.engine.metrics import classification_report, mean_std
 
 TRAIN_ON = ("train", "train+val")
 CHECK_BATCH = 8  # val images the exports are checked on
@@ -167,14 +167,14 @@ def _with_train_on(data: ImageSet, train_on: str) -> ImageSet:
 
 def bare_model(cfg: TrialConfig, num_classes: int) -> nn.Module:
     """The architecture only (no download, no weights file, nothing frozen): weights come next."""
-    from catdog_hpo.models import build_model
+    from catdog_hpo.engine.models import build_model
 
     arch = dataclasses.replace(cfg.model, pretrained=False, weights_file="", freeze_backbone=False)
     return build_model(arch, num_classes, cfg.image_size)
 
 
 def _meta(cfg: TrialConfig, classes: tuple[str, ...]) -> ModelMeta:
-    from catdog_hpo.data.augment import MEAN, STD
+    from catdog_hpo.engine.augment import MEAN, STD
 
     return ModelMeta(classes=tuple(classes), image_size=cfg.image_size, mean=tuple(MEAN), std=tuple(STD))
 
@@ -182,7 +182,7 @@ def _meta(cfg: TrialConfig, classes: tuple[str, ...]) -> ModelMeta:
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, meta: ModelMeta,
              device: torch.device) -> dict[str, Any]:
     """classification_report of ``model`` (float32, eval mode) on uint8 images ``x``."""
-    from catdog_hpo.predict import batched_logits
+    from catdog_hpo.ship.predict import batched_logits
 
     model = model.to(device).eval()
 
@@ -197,7 +197,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, meta: ModelMeta
 def train_seed(cfg: TrialConfig, data: ImageSet, device: torch.device, train_on: str,
                log: Callable[[str], None], progress: bool) -> SeedRun:
     """One fit; keeps the best epoch (train) or the final one (train+val)."""
-    from catdog_hpo.train import EpochStats, fit
+    from catdog_hpo.engine.train import EpochStats, fit
 
     def row(s: EpochStats) -> None:
         log(_ROW.format(s.epoch, f"{s.train_loss:.4f}", f"{s.val_loss:.4f}", f"{s.val_acc:.4f}",
@@ -224,7 +224,7 @@ def train_seed(cfg: TrialConfig, data: ImageSet, device: torch.device, train_on:
 
 
 def _built_model(cfg: TrialConfig, num_classes: int) -> nn.Module:
-    from catdog_hpo.models import build_model
+    from catdog_hpo.engine.models import build_model
 
     return build_model(cfg.model, num_classes, cfg.image_size)  # with its pretrained backbone
 
@@ -270,7 +270,7 @@ def _train_seeds(settings: RetrainSettings, cfg: TrialConfig, data: ImageSet, te
 def _export_formats(settings: RetrainSettings, out: Path, checkpoint: Path, data: ImageSet,
                     meta: ModelMeta, metrics: dict[str, Any], log: Callable[[str], None]) -> list[ExportResult]:
     """TorchScript and ONNX of the saved checkpoint, checked on val images; metrics.json updated."""
-    from catdog_hpo.checkpoint import load_model
+    from catdog_hpo.ship.checkpoint import load_model
 
     for stale in ("model.ts", "model.onnx"):
         (out / stale).unlink(missing_ok=True)  # never leave an export of an older model beside this one
@@ -289,10 +289,10 @@ def _export_formats(settings: RetrainSettings, out: Path, checkpoint: Path, data
 
 def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> RetrainResult:
     """Train, evaluate, save and export; see the module docstring. UserError for bad inputs."""
-    from catdog_hpo.artifacts import curves_svg
-    from catdog_hpo.checkpoint import save_checkpoint
-    from catdog_hpo.device import resolve_device
-    from catdog_hpo.models import check_model, model_cost
+    from catdog_hpo.search.artifacts import curves_svg
+    from catdog_hpo.ship.checkpoint import save_checkpoint
+    from catdog_hpo.engine.device import resolve_device
+    from catdog_hpo.engine.models import check_model, model_cost
 
     if settings.train_on not in TRAIN_ON:
         raise UserError(f"--train-on {settings.train_on!r}: expected one of {', '.join(TRAIN_ON)}")
@@ -350,7 +350,7 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> Re
 
 
 def _check_batch(data: ImageSet, meta: ModelMeta) -> torch.Tensor:
-    from catdog_hpo.predict import normalize
+    from catdog_hpo.ship.predict import normalize
 
     x = data.val_x[:CHECK_BATCH].cpu()
     return normalize(x, meta.mean, meta.std)
@@ -411,7 +411,7 @@ def _metrics(settings: RetrainSettings, file_cfg: TrialConfig, cfg: TrialConfig,
     held_out = settings.train_on == "train"
     val_accs = [r.val["accuracy"] for r in good]
     test_accs = [r.test["accuracy"] for r in good if r.test is not None]
-    from catdog_hpo.export import package_versions  # plain importlib.metadata; optuna is not imported by it
+    from catdog_hpo.ship.trialfile import package_versions  # plain importlib.metadata; optuna is not imported by it
 
     return {
         "config_file": str(settings.config),

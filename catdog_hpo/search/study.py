@@ -31,11 +31,12 @@ from typing import Any, Callable, Iterator
 import optuna
 from optuna.trial import TrialState
 
-from catdog_hpo import __version__, interrupts
+from catdog_hpo import __version__
+from catdog_hpo.search import interrupts
 from catdog_hpo.data import DataSource
 from catdog_hpo.errors import UserError
-from catdog_hpo.objective import Budget, ImageProvider, TrialFailed, run_trial
-from catdog_hpo.spaces import Space, base_image_size, grid_points, load_space
+from catdog_hpo.search.objective import Budget, ImageProvider, TrialFailed, run_trial
+from catdog_hpo.search.spaces import Space, base_image_size, grid_points, load_space
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -92,7 +93,7 @@ class RunSettings:
     epochs: int | None = None  # overrides the space's train.epochs
     workers: int = 1
     seed: int = 0
-    devices: tuple[str, ...] = ("cpu",)  # one per worker (catdog_hpo.device.assign_gpus)
+    devices: tuple[str, ...] = ("cpu",)  # one per worker (catdog_hpo.engine.device.assign_gpus)
     budget: Budget = field(default_factory=Budget)
     studies_dir: Path = Path("studies")
     heartbeat: int = 10  # seconds between heartbeats; a trial silent for 3x this is stale
@@ -103,7 +104,7 @@ class RunSettings:
 
 
 def open_run_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
-    from catdog_hpo.storage_url import open_storage
+    from catdog_hpo.search.storage import open_storage
 
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
     return open_storage(
@@ -120,7 +121,7 @@ def study_lock(storage: optuna.storages.BaseStorage, url: str, study_name: str) 
     advisory lock on PostgreSQL, GET_LOCK on MySQL/MariaDB."""
     key = int(hashlib.sha256(study_name.encode()).hexdigest()[:15], 16)  # fits a signed bigint
     if url.startswith("sqlite:///"):
-        from catdog_hpo.storage_url import file_lock
+        from catdog_hpo.search.storage import file_lock
 
         with file_lock(Path(url[len("sqlite:///"):] + ".lock")):
             yield
@@ -293,7 +294,7 @@ def work(settings: RunSettings, device: str, deadline: float | None,
     """Claim and run trials until the study has its N (or the grid is done, or time is up)."""
     import torch
 
-    from catdog_hpo.artifacts import artifact_store
+    from catdog_hpo.search.artifacts import artifact_store
 
     if device == "cpu" and settings.workers > 1:
         # Share the cores: K workers each running all-core OpenMP pools oversubscribe the CPU,
@@ -386,8 +387,8 @@ def _worker_main(settings: RunSettings, worker: int, device: str, deadline: floa
 
 def run(settings: RunSettings) -> int:
     """Run (or resume) the study until it has ``settings.trials`` finished trials."""
-    from catdog_hpo.progress import Progress
-    from catdog_hpo.storage_url import mask_password
+    from catdog_hpo.search.progress import Progress
+    from catdog_hpo.search.storage import mask_password
 
     # One worker runs in this process, on its device; K workers each open their own, and this
     # process only decodes the images for them (on the CPU) and polls the study.

@@ -22,9 +22,9 @@ from torch import nn
 
 from catdog_hpo.config import OptimConfig, TrialConfig
 from catdog_hpo.data import ImageSet
-from catdog_hpo.data.augment import augment_batch, normalize_batch
+from catdog_hpo.engine.augment import augment_batch, normalize_batch
 from catdog_hpo.errors import ConfigError, UserError
-from catdog_hpo.models import build_model
+from catdog_hpo.engine.models import build_model
 
 VAL_BATCH_FACTOR = 2  # validation batches are this many times the training batch (no activations kept)
 PLATEAU_PATIENCE = 2  # epochs without a val-loss improvement before ReduceLROnPlateau cuts the lr
