@@ -43,6 +43,7 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from catdog_hpo.data import DataSource  # noqa: E402
+from catdog_hpo.search import optuna_compat  # noqa: E402
 from catdog_hpo.search.storage import open_storage  # noqa: E402
 from catdog_hpo.search.study import RunSettings, claim_trial, open_run_storage  # noqa: E402
 
@@ -129,7 +130,7 @@ def worker(url: str, plain: bool, trials: int, epochs: int, work_s: float, seed:
             time.sleep(_POLL_S)
             continue
         try:
-            with optuna.storages._heartbeat.get_heartbeat_thread(trial._trial_id, storage):
+            with optuna_compat.heartbeat_thread(trial, storage):
                 value, own = fake_trial(trial, epochs, work_s)
                 out.own_s += own
                 study.tell(trial, value)

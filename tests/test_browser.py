@@ -125,3 +125,27 @@ def test_report_renders_every_chart_offline(browser, tmp_path: Path) -> None:
     browser.set_window_size(1400, 4600)
     browser.save_screenshot(str(tmp_path / "report.png"))
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_report_renders_the_pareto_front(browser, tmp_path: Path) -> None:
+    from test_pareto import make_mo_study
+
+    storage = open_storage(f"sqlite:///{tmp_path}/mo.db")
+    make_mo_study(storage, "mo")
+    files = write_report(storage, "mo", out_dir=tmp_path / "report")
+
+    browser.get(files.html.resolve().as_uri())
+    wait_for(browser, lambda d: d.execute_script("return !!document.querySelector('#pareto .plotly .main-svg')"),
+             "the Pareto front chart")
+    # Two traces (other trials, the front), with one marker per trial: 3 on the front, 3 off it.
+    points = browser.execute_script(
+        "return [...document.querySelectorAll('#pareto .scatterlayer .trace')].map(t => t.querySelectorAll('.point').length)")
+    assert sorted(points) == [3, 3], points
+    rows = browser.execute_script("return document.querySelectorAll('#tradeoff tbody tr').length")
+    assert rows == 3
+    n_history = browser.execute_script("return document.querySelectorAll('#objective-history .plotly .main-svg').length")
+    assert n_history >= 2  # one chart per objective
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe
+    browser.save_screenshot(str(tmp_path / "pareto.png"))
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000

@@ -60,8 +60,8 @@ COMMON = ("--space", "tiny.yaml", "--no-progress", "--device", "cpu", "--trials"
 CASES = [
     Case("unknown-sampler", ("--sampler", "bayes", *COMMON), "argument --sampler: invalid choice: 'bayes'", True),
     Case("unknown-pruner", ("--pruner", "asha", *COMMON), "argument --pruner: invalid choice: 'asha'", True),
-    Case("trials-0", (*COMMON, "--trials", "0"), "argument --trials: 0", True),
-    Case("trials-abc", (*COMMON, "--trials", "abc"), "argument --trials: 'abc' is not", True),
+    Case("trials-0", (*COMMON, "--trials", "0"), "argument --trials/--n-trials: 0", True),
+    Case("trials-abc", (*COMMON, "--trials", "abc"), "argument --trials/--n-trials: 'abc' is not", True),
     Case("workers-0", (*COMMON, "--workers", "0"), "argument --workers: 0", True),
     Case("epochs-abc", (*COMMON, "--epochs", "abc"), "argument --epochs: 'abc' is not", True),
     Case("timeout-negative", (*COMMON, "--timeout", "-5"), "--timeout -5.0: must be more than 0 seconds"),

@@ -437,10 +437,15 @@ def test_fake_cifar_loads_cats_and_dogs_like_torchvision(tmp_path: Path, monkeyp
     source = DataSource(name="cifar10-catdog", root=str(tmp_path / "datasets"))
     data = load_images(source, 32, tmp_path / "cache")
     assert data.classes == ("cat", "dog")
-    assert data.train_x.shape == (10, 3, 32, 32) and data.val_x.shape == (2, 3, 32, 32)
-    assert torch.bincount(data.train_y).tolist() == [5, 5]
+    # Validation is carved from the 10 training images (20% of each class, seeded); the test
+    # batch's 2 images are never searched on.
+    assert data.train_x.shape == (8, 3, 32, 32) and data.val_x.shape == (2, 3, 32, 32)
+    assert torch.bincount(data.train_y).tolist() == [4, 4] and torch.bincount(data.val_y).tolist() == [1, 1]
     assert (data.train_x[data.train_y == 0][:, :, 1:, :] == 60).all()  # cat pixels = 3 * 20
     assert (data.train_x[data.train_y == 1][:, :, 1:, :] == 100).all()  # dog pixels = 5 * 20
+    again = load_images(DataSource(name="cifar10-catdog", root=str(tmp_path / "datasets"), split_seed=0),
+                        32, tmp_path / "cache2")
+    assert torch.equal(again.val_x, data.val_x)  # seeded: the same split every time
 
     # torchvision reads the same files the same way (its md5 check cannot pass on fake files)
     import torchvision.datasets.cifar as tv_cifar
@@ -449,11 +454,15 @@ def test_fake_cifar_loads_cats_and_dogs_like_torchvision(tmp_path: Path, monkeyp
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
     tv = tv_cifar.CIFAR10(str(tmp_path / "datasets"), train=True, download=False)
     keep = [i for i, t in enumerate(tv.targets) if t in (3, 5)]
-    assert torch.equal(torch.from_numpy(tv.data[keep]).permute(0, 3, 1, 2), data.train_x)
-    assert [int(tv.targets[i] == 5) for i in keep] == data.train_y.tolist()
+    ours = torch.cat([data.train_x, data.val_x])
+    theirs = torch.from_numpy(tv.data[keep]).permute(0, 3, 1, 2)
+    assert sorted(map(bytes, ours.flatten(1).numpy())) == sorted(map(bytes, theirs.flatten(1).numpy()))
+    test = tv_cifar.CIFAR10(str(tmp_path / "datasets"), train=False, download=False)
+    test_rows = {bytes(r) for r in torch.from_numpy(test.data).permute(0, 3, 1, 2).flatten(1).numpy()}
+    assert not test_rows & {bytes(r) for r in ours.flatten(1).numpy()}  # nothing of the test split
 
     small = load_images(source, 16, tmp_path / "cache")  # resized from 32 px
-    assert small.train_x.shape == (10, 3, 16, 16) and (small.train_x[small.train_y == 0][:, :, 2:, :] == 60).all()
+    assert small.train_x.shape == (8, 3, 16, 16) and (small.train_x[small.train_y == 0][:, :, 2:, :] == 60).all()
 
 
 def test_cifar_download_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -475,13 +484,14 @@ def test_fake_pets_load_like_torchvision(tmp_path: Path) -> None:
     write_fake_pets(tmp_path / "datasets", n_trainval=8, n_test=4, size=24)
     data = load_images(DataSource(name="oxford-pets", root=str(tmp_path / "datasets")), 16, tmp_path / "cache")
     assert data.classes == ("cat", "dog")
-    assert data.train_x.shape == (8, 3, 16, 16) and data.val_x.shape == (4, 3, 16, 16)
+    # train and val both come from trainval.txt (8 images: 20% of each class to val); test.txt stays out
+    assert data.train_x.shape == (6, 3, 16, 16) and data.val_x.shape == (2, 3, 16, 16)
+    assert torch.bincount(data.val_y).tolist() == [1, 1]
 
     from torchvision.datasets import OxfordIIITPet
 
-    for split, ys in (("trainval", data.train_y), ("test", data.val_y)):
-        tv = OxfordIIITPet(str(tmp_path / "datasets"), split=split, target_types="binary-category", download=False)
-        assert [tv[i][1] for i in range(len(tv))] == ys.tolist()
+    tv = OxfordIIITPet(str(tmp_path / "datasets"), split="trainval", target_types="binary-category", download=False)
+    assert sorted(tv[i][1] for i in range(len(tv))) == sorted(data.train_y.tolist() + data.val_y.tolist())
 
 
 def test_pets_download_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -496,10 +506,10 @@ def test_pets_download_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_bad_pets_annotation_line_names_file_and_line(tmp_path: Path) -> None:
-    base = write_fake_pets(tmp_path / "datasets", n_trainval=2, n_test=2)
-    with open(base / "annotations" / "test.txt", "a") as f:
+    base = write_fake_pets(tmp_path / "datasets", n_trainval=4, n_test=2)
+    with open(base / "annotations" / "trainval.txt", "a") as f:  # test.txt is not read: never searched on
         f.write("broken line\n")
-    with pytest.raises(UserError, match=r"test.txt:3: expected"):
+    with pytest.raises(UserError, match=r"trainval.txt:5: expected"):
         load_images(DataSource(name="oxford-pets", root=str(tmp_path / "datasets")), 16, tmp_path / "cache")
 
 

@@ -259,7 +259,8 @@ def test_machines_started_together_sample_different_parameters(workdir: Path) ->
     """Each machine's `run` is its own worker 0 and finds the study with the same number of
     trials; their samplers must still draw different parameters, or they run the same trials."""
     from catdog_hpo.data import DataSource
-    from catdog_hpo.search.spaces import load_space, resolve
+    from catdog_hpo.search.space_files import load_space
+    from catdog_hpo.search.spaces import resolve
     from catdog_hpo.search.study import RunSettings, create_or_resume, open_run_storage
 
     settings = RunSettings(study=STUDY, storage=f"sqlite:///{workdir}/{DB}", space=str(workdir / "tiny.yaml"),

@@ -112,7 +112,7 @@ def test_other_infeasible_configs_rejected() -> None:
         check_model(ModelConfig(family="resnet18"), 24)
     with pytest.raises(ConfigError, match="freeze_backbone"):
         check_model(ModelConfig(family="resnet18", freeze_backbone=True), 64)
-    with pytest.raises(ConfigError, match="model.pretrained: applies to family resnet18 only"):
+    with pytest.raises(ConfigError, match="model.pretrained: applies to families resnet18, efficientnet_lite0 only"):
         check_model(ModelConfig(pretrained=True), 64)
     with pytest.raises(ConfigError, match="num_classes: 1"):
         build_model(_cnn(2), 1, 16)

@@ -203,7 +203,7 @@ def test_export_file_config_is_the_trials(tiny: dict) -> None:
 
 def test_test_dir_labels_follow_the_models_class_order(tmp_path: Path) -> None:
     """Folders are read in sorted order; labels are mapped to the model's order by name."""
-    from catdog_hpo.ship.retrain import load_test_set
+    from catdog_hpo.data.testset import load_test_set
 
     test = write_test_dir(tmp_path / "t", n=3)  # cat/ and dog/
     x, y, skipped = load_test_set(test, ("dog", "cat"), 16)

@@ -77,24 +77,26 @@ def test_retrain_reproduces_the_trial_and_writes_everything(shipped: dict) -> No
     trial_history = read_mapping(shipped["config"])["metrics"]["history"]
     assert [h["train_loss"] for h in m["history"]] == [h["train_loss"] for h in trial_history]
     assert m["test"]["n"] == 8 and m["test_acc"]["n"] == 1
-    for fmt in ("torchscript", "onnx"):
+    for fmt in ("torchscript", "onnx", "pt2"):
         assert m["exports"][fmt]["ok"] and m["exports"][fmt]["max_abs_diff"] < 1e-4
         assert f"{fmt}: " in text and "max |logit diff| vs PyTorch" in text
-    for name in ("model.pt", "model.ts", "model.onnx", "metrics.json", "curves.svg"):
+    for name in ("model.pt", "model.ts", "model.onnx", "model.pt2", "metrics.json", "curves.svg"):
         assert (out / name).is_file(), name
     assert f"next: catdog-hpo predict --model {out.relative_to(shipped['cwd'])}/model.pt" in text
 
 
-def test_predict_with_checkpoint_and_onnx(shipped: dict) -> None:
+@pytest.mark.parametrize("model", ["model.onnx", "model.pt2"])
+def test_predict_with_checkpoint_onnx_and_pt2(shipped: dict, model: str) -> None:
+    # The README's path on a default install (ONNX is a main dependency): every step exits 0.
     cwd, out = shipped["cwd"], shipped["out"]
     table = cli(cwd, "predict", "--model", str(out / "model.pt"), "test", "--device", "cpu").stdout.splitlines()
     assert table[0].split() == ["image", "class", "probability"] and len(table) == 9
-    lines = cli(cwd, "predict", "--model", str(out / "model.onnx"), "test", "--json").stdout.splitlines()
+    lines = cli(cwd, "predict", "--model", str(out / model), "test", "--json").stdout.splitlines()
     rows = [json.loads(line) for line in lines]
     from catdog_hpo.data.builtin import SYNTHETIC_CLASSES
 
     assert len(rows) == 8 and all(r["class"] in SYNTHETIC_CLASSES for r in rows)
-    # The same probabilities from the checkpoint and from ONNX.
+    # The same probabilities from the checkpoint and from the exported file.
     for line, row in zip(table[1:], rows):
         image, label, prob = line.split()
         assert image == row["image"] and label == row["class"]

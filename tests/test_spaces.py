@@ -9,7 +9,8 @@ from optuna.trial import FixedTrial
 
 from catdog_hpo.config import TrialConfig
 from catdog_hpo.errors import ConfigError, UserError
-from catdog_hpo.search.spaces import builtin_spaces, grid_points, load_space, parse_space, resolve
+from catdog_hpo.search.space_files import builtin_spaces, load_space, parse_space
+from catdog_hpo.search.spaces import grid_points, resolve
 
 SMALL = {
     "name": "small",

@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from catdog_hpo import __version__
-from catdog_hpo.errors import UserError
+from catdog_hpo.errors import UserError, install_warning_format
 
 # Subcommand name -> module under catdog_hpo.cli; the order is the order of --help.
 COMMANDS = {
@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line as given: run --config tells its flags from the file's
+    install_warning_format()  # "warning: <message>", one line, no module path
     try:
         return int(args.handler(args) or 0)
     except UserError as exc:

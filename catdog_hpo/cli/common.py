@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 from pathlib import Path
 
 from catdog_hpo.errors import UserError
@@ -10,6 +12,7 @@ from catdog_hpo.errors import UserError
 STUDIES_DIR = Path("studies")
 DEFAULT_STORAGE = f"sqlite:///{STUDIES_DIR}/catdog.db"
 DEFAULT_DATASET = "synthetic"
+STORAGE_ENV = "OPTUNA_STORAGE"  # the default store's environment variable, as Optuna's CLI reads
 
 
 def add_data_args(p: argparse.ArgumentParser, default_dataset: str | None = DEFAULT_DATASET) -> None:
@@ -41,14 +44,46 @@ def data_source(args: argparse.Namespace, default_dataset: str | None = DEFAULT_
                       root=str(STUDIES_DIR / "datasets"))
 
 
-def add_device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where to train: auto = the GPU when there is one (default: auto)")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-def add_storage_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage", default=DEFAULT_STORAGE, metavar="URL",
-                   help=f"study store: any URL Optuna takes, e.g. postgresql://user@host/db (default: {DEFAULT_STORAGE})")
+def device_name(text: str) -> str:
+    """argparse type for --device: auto, cpu, cuda or cuda:N (checked against the GPUs later)."""
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, cpu, cuda or cuda:N (e.g. cuda:1)")
+    return text
+
+
+def add_device_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """--device; ``what`` says what runs there for this command, e.g. "where each trial trains"."""
+    p.add_argument("--device", default="auto", type=device_name, metavar="auto|cpu|cuda|cuda:N",
+                   help=f"{what}: auto = the GPU when there is one, cuda:N = GPU N (default: auto)")
+
+
+def add_deterministic_arg(p: argparse.ArgumentParser) -> None:
+    """--deterministic (engine.runtime.configure_process): reproducible runs on CUDA too."""
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic CUDA kernels and no cuDNN autotuning: the same seed gives the same "
+                   "numbers on the same GPU and software (slower; CPU runs are reproducible anyway)")
+
+
+def default_storage() -> str:
+    """$OPTUNA_STORAGE when set (as Optuna's own CLI), else the SQLite file under studies/."""
+    return os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def add_storage_arg(p: argparse.ArgumentParser, what: str = "the study store") -> None:
+    """--storage; ``what`` says what this command does with the store, e.g. "the store to list"."""
+    p.add_argument("--storage", default=default_storage(), metavar="URL",
+                   help=f"{what}: any URL Optuna takes (e.g. postgresql://user@host/db), or a journal "
+                   f"file for a shared filesystem (PATH.log or journal:///PATH) (default: ${STORAGE_ENV} "
+                   f"if set, else {DEFAULT_STORAGE})")
+
+
+def add_study_arg(p: argparse.ArgumentParser, help: str, required: bool = True) -> None:
+    """--study NAME, also spelt --study-name as in Optuna's CLI."""
+    p.add_argument("--study", "--study-name", dest="study", required=required, default=None,
+                   metavar="NAME", help=help)
 
 
 def positive_int(text: str) -> int:

@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Serve optuna-dashboard on the study store. It reads while `catdog-hpo run` "
         "writes, so open it during a search. It has no login: keep it on 127.0.0.1.",
     )
-    add_storage_arg(p)
+    add_storage_arg(p, "the store to serve")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; "
                    "0.0.0.0 exposes it to the network)")

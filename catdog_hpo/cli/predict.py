@@ -11,21 +11,22 @@ from catdog_hpo.cli.common import add_device_arg
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "predict", help="classify images with a retrained model (.pt, .onnx or .ts)",
+        "predict", help="classify images with a retrained model (.pt, .onnx, .pt2 or .ts)",
         description="Print the predicted class and its probability for each image (folders are "
         "searched recursively for image files). Images are decoded exactly as training decodes "
-        "them. A .onnx or .ts file from retrain carries its class names, image size and "
+        "them. A .onnx, .pt2 or .ts file from retrain carries its class names, image size and "
         "normalisation in its own metadata, so it needs no other file; ONNX runs on the CPU "
-        "with onnxruntime (--device applies to .pt and .ts).",
+        "with onnxruntime (--device applies to .pt, .pt2 and .ts).",
         epilog="An image that cannot be read is reported on its own row (JSON: an \"error\" key) "
         "and the others go on. Exit status: 0 when at least one image was predicted; 2 when none "
         "was, or the model cannot be loaded.",
     )
-    p.add_argument("--model", required=True, type=Path, metavar="PATH", help="model.pt, model.onnx or model.ts")
+    p.add_argument("--model", required=True, type=Path, metavar="PATH",
+                   help="model.pt (checkpoint), model.onnx, model.pt2 (torch.export) or model.ts (TorchScript)")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE|DIR", help="image files or folders")
     p.add_argument("--json", action="store_true",
                    help="JSON lines: one object per image (image, class, probability, probabilities | error)")
-    add_device_arg(p)
+    add_device_arg(p, "where a .pt, .pt2 or .ts model runs (ONNX always runs on the CPU)")
     p.set_defaults(handler=_handle)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from catdog_hpo.cli.common import STUDIES_DIR, add_storage_arg
+from catdog_hpo.cli.common import STUDIES_DIR, add_storage_arg, add_study_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,10 +15,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Write report.html (optimization history, per-epoch curves, parallel "
         "coordinates, importances, slices, top trials; opens with no network) and trials.csv.",
     )
-    p.add_argument("--study", required=True, metavar="NAME", help="the study to report on")
+    add_study_arg(p, "the study to report on")
     p.add_argument("--compare", nargs="+", default=[], metavar="NAME",
                    help="other studies in the same store to compare best-so-far with (e.g. grid random)")
-    add_storage_arg(p)
+    add_storage_arg(p, "the store holding the studies")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help=f"output folder (default: {STUDIES_DIR}/reports/<study>/)")
     p.set_defaults(handler=_handle)

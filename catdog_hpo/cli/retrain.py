@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from catdog_hpo.cli.common import STUDIES_DIR, add_data_args, add_device_arg, data_source, positive_int
+from catdog_hpo.cli.common import STUDIES_DIR, add_data_args, add_deterministic_arg, add_device_arg, data_source, positive_int
+from catdog_hpo.cli.weights import add_weights_arg, weights_file
+from catdog_hpo.ship.choices import TRAIN_ON
 
-TRAIN_ON_CHOICES = ("train", "train+val")  # catdog_hpo.ship.retrain.TRAIN_ON
+TRAIN_ON_CHOICES = TRAIN_ON  # what ship.retrain accepts
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,10 +18,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Train the config in FILE (an export file, or any TrialConfig file) with the "
         "engine the search used, then write OUT/model.pt (checkpoint), OUT/metrics.json (val/test "
         "accuracy, per-class precision and recall, confusion matrix), OUT/curves.svg, and "
-        "OUT/model.ts and OUT/model.onnx checked against PyTorch. The data default to the source "
-        "and split recorded in the export file.",
+        "OUT/model.ts (TorchScript), OUT/model.onnx and OUT/model.pt2 (torch.export), each checked "
+        "against PyTorch. The data default to the source and split recorded in the export file.",
         epilog="Exit status: 0 when everything was written; 1 when the checkpoint and metrics were "
-        "written but an export (TorchScript or ONNX) failed; 2 on bad input.",
+        "written but an export (TorchScript, ONNX or torch.export) failed; 2 on bad input.",
     )
     p.add_argument("--config", required=True, type=Path, metavar="FILE", help="export or config file (YAML or JSON)")
     add_data_args(p, default_dataset=None)
@@ -34,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             action.help = "with --data/--dataset: seed of that split (default: 0); without them the export's split is used"
     p.add_argument("--epochs", type=positive_int, metavar="E", help="override train.epochs (default: the config's)")
     p.add_argument("--seed", type=int, metavar="S", help="first seed (default: the config's train.seed)")
+    add_weights_arg(p)
     p.add_argument("--seeds", type=positive_int, default=1, metavar="K",
                    help="train K times with seeds S, S+1, ...; report mean ± std, keep the best (default: 1)")
     p.add_argument("--train-on", choices=TRAIN_ON_CHOICES, default="train",
@@ -41,10 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "the final epoch (val accuracy is then not held out) (default: train)")
     p.add_argument("--test", type=Path, default=None, metavar="DIR",
                    help="extra held-out images, DIR/<class>/*, with the model's class names")
-    add_device_arg(p)
+    add_device_arg(p, "where to train and evaluate")
+    add_deterministic_arg(p)
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="output folder (default: studies/models/<config file stem>)")
-    p.add_argument("--no-export", action="store_true", help="skip the TorchScript and ONNX exports")
+    p.add_argument("--no-export", action="store_true", help="skip the TorchScript, ONNX and torch.export exports")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_handle)
 
@@ -68,8 +72,10 @@ def _handle(args: argparse.Namespace) -> int:
 
     settings = RetrainSettings(
         config=args.config, data=_source(args), epochs=args.epochs, seed=args.seed, seeds=args.seeds,
+        weights=weights_file(args.weights),
         train_on=args.train_on, test_dir=args.test, device=args.device, out=args.out,
         studies_dir=STUDIES_DIR, formats=() if args.no_export else FORMATS, progress=not args.no_progress,
+        deterministic=args.deterministic,
     )
     result = retrain(settings, log=_log)
     print(f"next: catdog-hpo predict --model {result.checkpoint} IMAGE|DIR ...")

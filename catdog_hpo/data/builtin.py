@@ -7,9 +7,13 @@
   patterns keep it from being trivial (measured: the seed CNN without augmentation at 32 px
   reaches ~57% validation accuracy after 1 epoch, ~85% after 6).
 - ``cifar10-catdog``: the cat (3) and dog (5) images of CIFAR-10 (32 px), labels 0=cat 1=dog;
-  train = data_batch_1..5, val = test_batch. Downloaded by torchvision on first use.
-- ``oxford-pets``: Oxford-IIIT Pet, cat vs dog (its binary category); train = trainval.txt,
-  val = test.txt. Downloaded by torchvision on first use.
+  train and val both from data_batch_1..5 (val: ``val_fraction`` of each class, seeded by
+  ``split_seed``, the same rule as a flat folder). The official test_batch is never searched on.
+- ``oxford-pets``: Oxford-IIIT Pet, cat vs dog (its binary category); train and val both from
+  trainval.txt (seeded, stratified, as above). The official test.txt is never searched on.
+  Downloaded by torchvision on first use.
+
+Validation is carved from the training split so that a study never selects on the test set.
 
 Downloads go to ``DataSource.root``. Once the files are there they are read directly in
 torchvision's on-disk format (without its md5 checks, so a copy placed there by hand works).
@@ -195,19 +199,24 @@ def cifar10_catdog_recipe(source: DataSource) -> Recipe:
     base = _ensure_cifar(root)
     files = [base / f for f in (*CIFAR_TRAIN_FILES, CIFAR_VAL_FILE)]
     stats = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    key = {"kind": "builtin", "name": "cifar10-catdog", "files": stats}
+    split = [source.val_fraction, source.split_seed]
+    key = {"kind": "builtin", "name": "cifar10-catdog", "files": stats, "val_from_train": split}
 
     def build(image_size: int) -> ImageSet:
-        from catdog_hpo.data import ImageSet
+        import torch
 
-        train_x, train_y = _read_cifar_batches(files[:-1])
-        val_x, val_y = _read_cifar_batches(files[-1:])
-        for name, y in (("train", train_y), ("val", val_y)):
-            for label, cls in enumerate(("cat", "dog")):
-                if not bool((y == label).any()):
-                    raise UserError(f"{base}: the CIFAR-10 {name} batches hold no {cls} images")
-        return ImageSet(resize_batch(train_x, image_size), train_y, resize_batch(val_x, image_size), val_y,
-                        ("cat", "dog"), fingerprint="")
+        from catdog_hpo.data import ImageSet
+        from catdog_hpo.data.folder import Entry, stratified_split
+
+        x, y = _read_cifar_batches(files[:-1])  # data_batch_1..5 only: the test batch stays out
+        for label, cls in enumerate(("cat", "dog")):
+            if not bool((y == label).any()):
+                raise UserError(f"{base}: the CIFAR-10 training batches hold no {cls} images")
+        entries = [Entry(f"train:{i}", int(label), None) for i, label in enumerate(y.tolist())]
+        is_val = torch.tensor(stratified_split(entries, ("cat", "dog"), source.val_fraction, source.split_seed,
+                                               f"{base} (training batches)"))
+        return ImageSet(resize_batch(x[~is_val], image_size), y[~is_val], resize_batch(x[is_val], image_size),
+                        y[is_val], ("cat", "dog"), fingerprint="")
 
     return Recipe("dataset:cifar10-catdog", key, build, len(files))
 
@@ -215,7 +224,7 @@ def cifar10_catdog_recipe(source: DataSource) -> Recipe:
 # ----------------------------------------------------------------------------- Oxford-IIIT Pet
 
 PETS_FOLDER = "oxford-iiit-pet"
-PETS_SPLITS = {"trainval": False, "test": True}  # annotation file -> is validation
+PETS_SPLITS = ("trainval",)  # annotation files searched on (train and val); test.txt stays out
 
 
 def _ensure_pets(root: Path) -> Path:
@@ -238,7 +247,7 @@ def _pets_entries(base: Path) -> list[Entry]:
     from catdog_hpo.data.folder import Entry
 
     entries: list[Entry] = []
-    for split, is_val in PETS_SPLITS.items():
+    for split in PETS_SPLITS:
         path = base / "annotations" / f"{split}.txt"
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
@@ -250,7 +259,7 @@ def _pets_entries(base: Path) -> list[Entry]:
             parts = line.split()
             if len(parts) != 4 or parts[2] not in ("1", "2"):
                 raise UserError(f"{path}:{n}: expected 'IMAGE-ID CLASS-ID SPECIES(1|2) BREED-ID', got {line.strip()!r}")
-            entries.append(Entry(f"images/{parts[0]}.jpg", int(parts[2]) - 1, is_val))
+            entries.append(Entry(f"images/{parts[0]}.jpg", int(parts[2]) - 1, None))  # side: the seeded split
     return entries
 
 
@@ -262,12 +271,44 @@ def oxford_pets_recipe(source: DataSource) -> Recipe:
     entries = _pets_entries(base)
     classes = ("cat", "dog")
     origin = "dataset:oxford-pets"
-    key = {"kind": "builtin", "name": "oxford-pets", "files": listing_key(base, entries)}
+    split = (source.val_fraction, source.split_seed)
+    key = {"kind": "builtin", "name": "oxford-pets", "files": listing_key(base, entries), "val_from_train": list(split)}
 
     def build(image_size: int) -> ImageSet:
-        return decode_entries(base, entries, classes, image_size, origin)
+        return decode_entries(base, entries, classes, image_size, origin, split=split)
 
     return Recipe(origin, key, build, len(entries))
+
+
+# ----------------------------------------------------------------------------- official test splits
+
+
+def official_test_split(source: DataSource, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
+    """The built-in dataset's official test split (uint8 images, labels, skipped files) for
+    ``retrain`` to score once; None for the synthetic set and folders (which have none)."""
+    import numpy as np
+    import torch
+
+    if source.name == "cifar10-catdog":
+        base = _ensure_cifar(Path(source.root))
+        x, y = _read_cifar_batches([base / CIFAR_VAL_FILE])
+        return resize_batch(x, image_size), y, []
+    if source.name != "oxford-pets":
+        return None
+    from catdog_hpo.data.decode import decode_files
+
+    base = _ensure_pets(Path(source.root))
+    path = base / "annotations" / "test.txt"
+    try:
+        lines = [ln.split() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the split file ({_one_line(exc)})") from None
+    rows = [(f"images/{p[0]}.jpg", int(p[2]) - 1) for p in lines if len(p) == 4 and p[2] in ("1", "2")]
+    pixels, reasons = decode_files([base / rel for rel, _ in rows], image_size)
+    good = [i for i, r in enumerate(reasons) if r is None]
+    skipped = [f"{rows[i][0]} ({r})" for i, r in enumerate(reasons) if r is not None]
+    x = torch.from_numpy(np.ascontiguousarray(pixels[good].transpose(0, 3, 1, 2)))
+    return x, torch.tensor([rows[i][1] for i in good], dtype=torch.int64), skipped
 
 
 # ----------------------------------------------------------------------------- registry

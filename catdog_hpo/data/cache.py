@@ -7,7 +7,7 @@ gives a new file; the same inputs find the old one.
 
 Processes share the cache safely: a writer saves to a unique temp file in the cache folder and
 ``os.replace``s it into place (readers see the old file, or the whole new one, never half), and
-an advisory lock (``flock``, where the OS has it) makes concurrent loaders of the same set wait
+a file lock (``files.file_lock``) makes concurrent loaders of the same set wait
 for the first to finish instead of all decoding it.
 """
 
@@ -16,14 +16,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from catdog_hpo.files import atomic_write, file_lock
 
 # Bump when decoding or the file layout changes: old cache files are then simply not found.
 CACHE_VERSION = 1
@@ -59,36 +59,14 @@ def read(path: Path, fp: str) -> dict[str, Any] | None:
 
 
 def write(path: Path, payload: dict[str, Any]) -> None:
-    """Save ``payload`` atomically: a temp file in the same folder, then ``os.replace``."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # mode 0o666 less the umask, like any new file (mkstemp's 0o600 would hide a shared cache)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Save ``payload`` atomically (``files.atomic_write``: a temp file, then ``os.replace``)."""
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``<path>.lock`` (a no-op where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; the atomic replace alone keeps the cache consistent
+    """Hold an exclusive lock on ``<path>.lock`` while another process may build this set.
+
+    Best effort: in a read-only cache folder it goes on unlocked (the write will warn)."""
+    with file_lock(path.with_name(path.name + ".lock"), best_effort=True):
         yield
-        return
-    try:
-        f = open(path.with_name(path.name + ".lock"), "a+b")
-    except OSError:  # a read-only cache folder: go on unlocked (the write will warn)
-        yield
-        return
-    with f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # blocks while another process builds this set
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

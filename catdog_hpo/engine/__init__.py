@@ -1,1 +1,1 @@
-
+"""The training library: TrialConfig + ImageSet -> a trained model (fit, models, augment, metrics). No Optuna."""

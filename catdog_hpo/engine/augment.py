@@ -13,6 +13,7 @@ normalisation, i.e. the dataset-mean colour, so padding carries no brightness si
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,22 +39,36 @@ def _consts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     (x/255 - mean) / std. Made once per device: building them from Python lists copies from
     the host, which on CUDA waits for the GPU, and the hot loop must not sync per step."""
     if device not in _CONSTS:
-        std = torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)
-        mean = torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+        scale, bias = _scale_bias(MEAN, STD)
         luma = torch.tensor(_GRAY, dtype=torch.float32).view(1, 3, 1, 1)
-        _CONSTS[device] = (
-            (1.0 / (255.0 * std)).to(device), (-mean / std).to(device), luma.to(device),
-        )
+        _CONSTS[device] = (scale.to(device), bias.to(device), luma.to(device))
     return _CONSTS[device]
+
+
+def _scale_bias(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 / (255 std), -mean / std) on the CPU, each 1 x 3 x 1 x 1: uint8 * scale + bias."""
+    std_t = torch.tensor(tuple(std), dtype=torch.float32).view(1, 3, 1, 1)
+    mean_t = torch.tensor(tuple(mean), dtype=torch.float32).view(1, 3, 1, 1)
+    return 1.0 / (255.0 * std_t), -mean_t / std_t
 
 
 def normalize_batch(x: torch.Tensor) -> torch.Tensor:
     """uint8 B x 3 x H x W (any device) -> float32, ImageNet-normalised, same device and shape."""
     assert x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3, (x.dtype, tuple(x.shape))
     scale, bias, _ = _consts(x.device)
-    # one multiply-add; predict.normalize mirrors this exact expression so exported models see
-    # bit-identical inputs: change both together
+    # One multiply-add, the one normalisation: ``normalize`` (predict, the export checks) runs
+    # this same expression, so exported models see bit-identical inputs.
     return torch.addcmul(bias, x.to(torch.float32), scale)
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:
+    """``normalize_batch`` with a model's recorded mean and std (a checkpoint's, an ONNX file's):
+    uint8 N x 3 x H x W -> float32 (x/255 - mean)/std, bit for bit as training computes it."""
+    if tuple(mean) == tuple(MEAN) and tuple(std) == tuple(STD):
+        return normalize_batch(x)
+    assert x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3, (x.dtype, tuple(x.shape))
+    scale, bias = _scale_bias(mean, std)
+    return torch.addcmul(bias.to(x.device), x.to(torch.float32), scale.to(x.device))
 
 
 def _uniform(gen: torch.Generator, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""Device names -> torch devices, and GPUs handed out to parallel workers."""
+"""Device names -> torch devices, GPUs handed out to (and pinned in) workers, CUDA failures classified."""
 
 from __future__ import annotations
 
+import gc
+import os
 import re
 
 import torch
@@ -54,3 +56,95 @@ def assign_gpus(n_workers: int, gpus: list[int]) -> list[str]:
     if not gpus:
         return ["cpu"] * n_workers
     return [f"cuda:{gpus[i % len(gpus)]}" for i in range(n_workers)]
+
+
+# --------------------------------------------------------------------------- worker pinning
+
+
+def pin_worker_device(device: str, shared: bool, env: dict[str, str] | None = None) -> str:
+    """Pin a fresh worker process to its GPU; call before its first CUDA call. Returns the device
+    the worker then uses: "cuda:N" -> "cuda:0", the only GPU it sees ("cpu" stays "cpu").
+
+    CUDA_VISIBLE_DEVICES is read when CUDA initialises, so the worker never opens a context on
+    another GPU (a context costs ~500 MB). An id is looked up in the parent's own
+    CUDA_VISIBLE_DEVICES when that is set. ``shared`` (several workers on one GPU): the caching
+    allocator uses expandable segments, which fragment far less when processes share memory.
+    """
+    global _pinned_as
+    own = env is None
+    env = os.environ if env is None else env
+    match = _CUDA_INDEX.fullmatch(device)
+    if device == "cpu" or (match is None and device != "cuda"):
+        return device
+    index = int(match.group(1)) if match else 0
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(index + 1)]
+    assert index < len(ids), (device, visible)
+    env["CUDA_VISIBLE_DEVICES"] = ids[index]
+    if shared and "PYTORCH_CUDA_ALLOC_CONF" not in env:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    if own:
+        _pinned_as = f"cuda:{index}"
+    return "cuda:0"
+
+
+_pinned_as: str | None = None  # the run's name for this process's GPU, once pinned
+
+
+def device_label(device: torch.device) -> str:
+    """The device as the run names it (what a trial records): a pinned worker's cuda:0 is the
+    GPU it was given, e.g. cuda:3."""
+    if device.type == "cuda" and _pinned_as is not None:
+        return _pinned_as
+    return str(device)
+
+
+# --------------------------------------------------------------------------- CUDA failures
+
+# Messages of allocation failures that are not torch.cuda.OutOfMemoryError: cuBLAS and cuDNN
+# report them as RuntimeError (cuDNN's NOT_SUPPORTED is how a failed workspace allocation shows).
+_OOM_MARKS = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+              "CUDNN_STATUS_NOT_SUPPORTED", "CUDNN_STATUS_MAPPING_ERROR", "out of memory")
+# Errors that leave the CUDA context unusable ("sticky"): every later call in the process fails.
+_STICKY_MARKS = ("illegal memory access", "illegal instruction", "misaligned address",
+                 "unspecified launch failure", "device-side assert", "CUBLAS_STATUS_EXECUTION_FAILED",
+                 "CUDNN_STATUS_EXECUTION_FAILED", "CUDNN_STATUS_INTERNAL_ERROR", "uncorrectable ECC",
+                 "an illegal", "hardware stack error", "context is destroyed")
+
+
+def classify_cuda_error(exc: BaseException) -> str | None:
+    """"oom" (free memory, the next trial may fit), "sticky" (the process's CUDA context is
+    broken: restart the worker) or None (not a CUDA failure). Follows ``__cause__`` and
+    ``__context__``: torch.compile wraps errors raised while compiling."""
+    seen: set[int] = set()
+    kind: str | None = None
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        found = _classify_one(e)
+        if found == "sticky":
+            return found
+        kind = kind or found
+        e = e.__cause__ or e.__context__
+    return kind
+
+
+def _classify_one(e: BaseException) -> str | None:
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return "oom"
+    text = str(e)
+    accel = getattr(torch, "AcceleratorError", None)  # torch >= 2.8: a CUDA runtime error
+    if any(m in text for m in _STICKY_MARKS):
+        return "sticky"
+    if any(m in text for m in _OOM_MARKS):
+        return "oom"
+    if accel is not None and isinstance(e, accel):
+        return "sticky"  # an unknown CUDA runtime error: assume the context is gone
+    return None
+
+
+def free_device_memory() -> None:
+    """Collect garbage, then hand the CUDA caching allocator's free blocks back to the driver."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -7,6 +7,7 @@ test set: accuracy, per-class precision/recall/support and the confusion matrix.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,8 +61,7 @@ def classification_report(preds: torch.Tensor, labels: torch.Tensor, classes: Se
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (n - 1); the std is None for fewer than two values."""
     assert values, "mean_std of nothing"
-    mean = sum(values) / len(values)
+    mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var)
+    return mean, statistics.stdev(values, xbar=mean)

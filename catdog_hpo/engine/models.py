@@ -1,4 +1,5 @@
-"""ModelConfig -> nn.Module: a VGG-like CNN family and ResNet-18, shape-checked before training.
+"""ModelConfig -> nn.Module: a VGG-like CNN family and the transfer families
+(resnet18, efficientnet_lite0: catdog_hpo/engine/transfer.py), shape-checked before training.
 
 Public API:
   check_model(cfg, image_size)                 ConfigError for a combination that cannot work
@@ -14,17 +15,19 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from catdog_hpo.config import ModelConfig
-from catdog_hpo.errors import ConfigError, UserError
+from catdog_hpo import config
+from catdog_hpo.config import TRANSFER_FAMILIES, ModelConfig
+from catdog_hpo.errors import ConfigError
 
-RESNET_MIN_SIZE = 32  # px: below this ResNet-18's five stride-2 stages leave nothing to pool
+RESNET_MIN_SIZE = 32  # px: below this the transfer families' five stride-2 stages leave nothing to pool
 RESNET_FEATURES = 512  # channels out of ResNet-18's last stage
+# Backbone stages of each transfer family (engine/transfer.py STAGES; a test checks they agree).
+TRANSFER_STAGES = {"resnet18": 5, "efficientnet_lite0": 9}
 
 
 @dataclass(frozen=True)
@@ -42,14 +45,17 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
     "silu": lambda: nn.SiLU(inplace=True),
 }
+config.check_registry("activations", ACTIVATIONS, config.ACTIVATIONS)
 # Name torch.nn.init's gain uses for each activation (GELU/SiLU behave like ReLU for the gain).
 _INIT_NONLINEARITY = {"relu": "relu", "leaky_relu": "leaky_relu", "gelu": "relu", "silu": "relu"}
+config.check_registry("activation init gains", _INIT_NONLINEARITY, config.ACTIVATIONS)
 _LEAKY_SLOPE = 0.01
 
 POOLS: dict[str, Callable[[], nn.Module]] = {
     "max": lambda: nn.MaxPool2d(2),  # 2x2, stride 2: halves H and W (rounding down)
     "avg": lambda: nn.AvgPool2d(2),
 }
+config.check_registry("pools", POOLS, config.POOLS)
 
 
 def _gap_head(cfg: ModelConfig, channels: int, side: int, num_classes: int) -> nn.Module:
@@ -74,6 +80,7 @@ def _fc_head(cfg: ModelConfig, channels: int, side: int, num_classes: int) -> nn
 
 
 HEADS: dict[str, Callable[[ModelConfig, int, int, int], nn.Module]] = {"gap": _gap_head, "fc": _fc_head}
+config.check_registry("heads", HEADS, config.HEADS)
 
 
 # --------------------------------------------------------------------------- checks
@@ -106,22 +113,26 @@ def check_model(cfg: ModelConfig, image_size: int) -> None:
     if cfg.family == "cnn":
         if not 1 <= len(cfg.blocks) <= 6:
             raise ConfigError(f"model.blocks: {len(cfg.blocks)} blocks; the cnn family has 1 to 6")
+        transfer_only = ", ".join(TRANSFER_FAMILIES)
         for flag in ("pretrained", "freeze_backbone"):
             if getattr(cfg, flag):
-                raise ConfigError(f"model.{flag}: applies to family resnet18 only, not cnn")
+                raise ConfigError(f"model.{flag}: applies to families {transfer_only} only, not cnn")
         if cfg.weights_file:
-            raise ConfigError(f"model.weights_file {cfg.weights_file!r}: applies to family resnet18 only, not cnn")
+            raise ConfigError(f"model.weights_file {cfg.weights_file!r}: applies to families {transfer_only} only, not cnn")
         _cnn_side(cfg, image_size)
-    elif cfg.family == "resnet18":
+    elif cfg.family in TRANSFER_FAMILIES:
         if image_size < RESNET_MIN_SIZE:
             raise ConfigError(
-                f"image_size: {image_size} px is too small for resnet18 (needs >= {RESNET_MIN_SIZE})"
+                f"image_size: {image_size} px is too small for {cfg.family} (needs >= {RESNET_MIN_SIZE})"
             )
         if cfg.freeze_backbone and not (cfg.pretrained or cfg.weights_file):
             raise ConfigError(
                 "model.freeze_backbone: a frozen backbone needs trained weights "
                 "(set model.pretrained or model.weights_file)"
             )
+        stages = TRANSFER_STAGES[cfg.family]
+        if cfg.unfreeze_stages > stages:
+            raise ConfigError(f"model.unfreeze_stages: {cfg.unfreeze_stages}; {cfg.family} has {stages} stages")
 
 
 # --------------------------------------------------------------------------- builders
@@ -167,80 +178,20 @@ def build_cnn(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Module:
     return model
 
 
-def _resnet_head(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    if cfg.fc_hidden > 0:
-        return nn.Sequential(
-            nn.Linear(RESNET_FEATURES, cfg.fc_hidden), nn.ReLU(inplace=True),
-            nn.Dropout(cfg.dropout), nn.Linear(cfg.fc_hidden, num_classes),
-        )
-    return nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(RESNET_FEATURES, num_classes))
+def _build_transfer(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Module:
+    """A transfer family's architecture with a new head; weights are loaded by build_model."""
+    from catdog_hpo.engine import transfer
 
-
-def build_resnet18(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Module:
-    """torchvision's ResNet-18 with a new head; weights are loaded by build_model, not here."""
-    from torchvision.models import resnet18
-
-    model = resnet18(weights=None)
-    model.fc = _resnet_head(cfg, num_classes)
-    return model
+    cls = transfer.FAMILY_CLASSES[cfg.family]
+    return cls(transfer.new_head(cfg, cls.FEATURES, num_classes))
 
 
 FAMILIES: dict[str, Callable[[ModelConfig, int, int], nn.Module]] = {
     "cnn": build_cnn,
-    "resnet18": build_resnet18,
+    "resnet18": _build_transfer,
+    "efficientnet_lite0": _build_transfer,
 }
-
-
-# --------------------------------------------------------------------------- ResNet weights
-
-
-def _imagenet_state_dict() -> dict[str, torch.Tensor]:
-    """ImageNet ResNet-18 weights through torchvision's weights API (downloads once, then cached)."""
-    from torchvision.models import ResNet18_Weights
-
-    try:
-        return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
-    except Exception as exc:  # URLError, hash mismatch, disk errors: all mean "no weights"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(
-            f"model.pretrained: could not get the ImageNet ResNet-18 weights ({first}); "
-            "download resnet18-f37072fd.pth elsewhere and set model.weights_file to it"
-        ) from None
-
-
-def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"model.weights_file {str(path)!r}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"model.weights_file {str(path)!r}: not a PyTorch state dict ({first})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"model.weights_file {str(path)!r}: not a state dict of tensors")
-    return state
-
-
-def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load every backbone tensor of ``state`` (its ``fc.*`` classifier is dropped: we have our own)."""
-    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    expected = {k for k in model.state_dict() if not k.startswith("fc.")}
-    missing = sorted(expected - set(backbone))
-    unexpected = sorted(set(backbone) - expected)
-    if missing or unexpected:
-        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
-        raise UserError(f"{source}: not a ResNet-18 state dict ({what})")
-    try:
-        model.load_state_dict(backbone, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        first = str(exc).strip().splitlines()[-1].strip()
-        raise UserError(f"{source}: does not fit ResNet-18 ({first})") from None
-
-
-def _freeze_backbone(model: nn.Module) -> None:
-    """Only the head (``fc``) trains. BatchNorm running statistics still adapt in train mode."""
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("fc."))
+config.check_registry("families", FAMILIES, config.FAMILIES)
 
 
 # --------------------------------------------------------------------------- public
@@ -256,38 +207,30 @@ def build_model(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Modul
     """The model ``cfg`` describes for ``num_classes`` classes and square ``image_size`` px inputs."""
     _check_all(cfg, num_classes, image_size)
     model = FAMILIES[cfg.family](cfg, num_classes, image_size)
-    if cfg.family == "resnet18":
-        if cfg.weights_file:  # a local file replaces the download
-            path = Path(cfg.weights_file).expanduser()
-            _load_backbone(model, _file_state_dict(path), f"model.weights_file {str(path)!r}")
-        elif cfg.pretrained:
-            _load_backbone(model, _imagenet_state_dict(), "ImageNet ResNet-18 weights")
-        if cfg.freeze_backbone:
-            _freeze_backbone(model)
+    if cfg.family in TRANSFER_FAMILIES:
+        from catdog_hpo.engine.transfer import load_weights
+
+        load_weights(model, cfg)  # weights_file, else pretrained, else none (from scratch)
+        model.configure(cfg)  # freezing by stage, BatchNorm modes
     return model
 
 
 def model_cost(cfg: ModelConfig, num_classes: int, image_size: int) -> ModelCost:
     """Parameters and forward FLOPs per image, from a forward pass on the meta device (no memory,
-    no arithmetic, a few ms). Checks the model first (ConfigError)."""
+    no arithmetic, a few ms). Checks the model first (ConfigError).
+
+    FLOPs are torch's own count (``torch.utils.flop_counter.FlopCounterMode``, which works on meta
+    tensors): 2 per multiply-add of every convolution and matrix product, whatever module runs
+    it; element-wise work (activations, norms, pooling) is not counted.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
     _check_all(cfg, num_classes, image_size)
     with torch.device("meta"):
         model = FAMILIES[cfg.family](cfg, num_classes, image_size)
         x = torch.empty(1, 3, image_size, image_size)
-    flops = 0
-
-    def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        nonlocal flops
-        if isinstance(module, nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-            flops += 2 * out[0].numel() * k  # out[0]: C_out x H' x W' multiply-adds of k each
-        elif isinstance(module, nn.Linear):
-            flops += 2 * module.in_features * module.out_features
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
         model.eval()(x)
-    for h in hooks:
-        h.remove()
     params = sum(p.numel() for p in model.parameters())
-    return ModelCost(params=int(params), flops=int(flops))
+    return ModelCost(params=int(params), flops=int(counter.get_total_flops()))

@@ -1,8 +1,9 @@
 """fit(): one training run of a TrialConfig on an ImageSet, airbench-style. No Optuna here.
 
 The hot loop: the decoded uint8 images live on the training device; every epoch is one
-``randperm`` on the device, index slicing, batched augmentation on the device, forward, loss,
-backward, step. Losses and the correct count accumulate in device tensors and are read ONCE per
+``randperm`` on the device, then chunks of many batches each augmented in one batched call on
+the device, and per batch forward, loss, backward, step (on CUDA one replay of a captured
+graph: ``engine.graphstep``). Validation is normalised once per trial and runs in fp32. Losses and the correct count accumulate in device tensors and are read ONCE per
 epoch; that read is where ``on_epoch_end`` runs (the study reports and prunes there).
 """
 
@@ -14,19 +15,23 @@ import math
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catdog_hpo.config import OptimConfig, TrialConfig
+from catdog_hpo import config
+from catdog_hpo.config import OptimConfig, TrialConfig, check_optim
 from catdog_hpo.data import ImageSet
+from catdog_hpo.engine import heads
 from catdog_hpo.engine.augment import augment_batch, normalize_batch
+from catdog_hpo.engine.graphstep import GRAPH_OPTIMIZERS, StaticStep, graph_optimizer
+from catdog_hpo.engine.runtime import VAL_CHUNK_VALUES, VAL_RESIDENT_VALUES, Runtime, apply_backends, for_device
 from catdog_hpo.errors import ConfigError, UserError
 from catdog_hpo.engine.models import build_model
 
-VAL_BATCH_FACTOR = 2  # validation batches are this many times the training batch (no activations kept)
 PLATEAU_PATIENCE = 2  # epochs without a val-loss improvement before ReduceLROnPlateau cuts the lr
 
 
@@ -56,38 +61,31 @@ class FitResult:
 # --------------------------------------------------------------------------- optimizers
 
 
-def check_optim(o: OptimConfig) -> None:
-    """ConfigError for optimizer settings torch would refuse (fit calls it before training)."""
-    if o.nesterov and o.name == "sgd" and o.momentum <= 0:
-        raise ConfigError(f"optim.nesterov: needs optim.momentum > 0 (got {o.momentum})")
-    if o.name in ("sgd", "rmsprop") and not 0.0 <= o.momentum < 1.0:
-        raise ConfigError(f"optim.momentum: {o.momentum!r} must be in [0, 1)")
-
-
-def _sgd(params: list[nn.Parameter], o: OptimConfig, cuda: bool) -> torch.optim.Optimizer:
+def _sgd(params: list[nn.Parameter], o: OptimConfig, fused: bool) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                           weight_decay=o.weight_decay, fused=cuda or None)
+                           weight_decay=o.weight_decay, fused=fused or None)
 
 
-def _adam(params: list[nn.Parameter], o: OptimConfig, cuda: bool) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, fused=cuda or None)
+def _adam(params: list[nn.Parameter], o: OptimConfig, fused: bool) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused or None)
 
 
-def _adamw(params: list[nn.Parameter], o: OptimConfig, cuda: bool) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=cuda or None)
+def _adamw(params: list[nn.Parameter], o: OptimConfig, fused: bool) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused or None)
 
 
-def _rmsprop(params: list[nn.Parameter], o: OptimConfig, cuda: bool) -> torch.optim.Optimizer:
+def _rmsprop(params: list[nn.Parameter], o: OptimConfig, fused: bool) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
-# fused=True on CUDA: one kernel per step for all parameters (the CPU keeps the default).
+# fused (Runtime.fused, the CUDA default): one kernel per step for all parameters.
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], OptimConfig, bool], torch.optim.Optimizer]] = {
     "sgd": _sgd,
     "adam": _adam,
     "adamw": _adamw,
     "rmsprop": _rmsprop,
 }
+config.check_registry("optimizers", OPTIMIZERS, config.OPTIMIZERS)
 
 
 # --------------------------------------------------------------------------- schedulers
@@ -124,7 +122,7 @@ def _cosine_schedule(opt: torch.optim.Optimizer, o: OptimConfig, epochs: int, st
 
 def _onecycle_schedule(opt: torch.optim.Optimizer, o: OptimConfig, epochs: int, steps: int) -> Schedule:
     # lr peaks at optim.lr; momentum is left as configured (no momentum cycling)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o.lr, total_steps=epochs * steps,
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=epochs * steps,
                                                 cycle_momentum=False)
     return Schedule(sched, "step")
 
@@ -142,6 +140,7 @@ SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer, OptimConfig, int, int], S
     "onecycle": _onecycle_schedule,
     "plateau": _plateau_schedule,
 }
+config.check_registry("schedulers", SCHEDULERS, config.SCHEDULERS)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -152,82 +151,147 @@ class _Loop:
     """Everything one epoch needs, on the device."""
 
     cfg: TrialConfig
+    rt: Runtime
     model: nn.Module  # the module itself (its state_dict is what we keep)
     forward: Callable[[torch.Tensor], torch.Tensor]  # the model, or its torch.compile'd wrapper
     params: list[nn.Parameter]  # the trainable ones
-    optimizer: torch.optim.Optimizer
-    schedule: Schedule
+    optimizer: Any  # a torch optimizer, or graphstep.ForeachSGD on the static path
+    schedule: Schedule  # on the static path it drives ``shadow``, whose lr is copied to ``lr_tensor``
     criterion: nn.Module
     gen: torch.Generator  # on the device: shuffling and augmentation
-    train_x: torch.Tensor
+    train_x: torch.Tensor  # uint8
     train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    cuda: bool
+    val_n: torch.Tensor  # normalised float32 once per trial (uint8 if too big), padded to whole val batches
+    val_y: torch.Tensor  # padding labelled -100: ignored by the loss, never equal to an argmax
+    n_val: int
+    val_batch: int
     n_batches: int  # training batches per epoch
+    capture: bool  # capture the static step in a CUDA graph
+    shadow: torch.optim.Optimizer | None = None  # static path: the optimizer the schedule steps
+    lr_tensor: torch.Tensor | None = None  # static path: the device lr the step reads
+    step: StaticStep | None = None  # static path: made at the first batch (it needs the shape)
     bar: Any = field(default=None)  # tqdm bar or None
+    _lr_set: float = math.nan  # the value last written into lr_tensor
+
+    def lr(self) -> float:
+        """The current learning rate as a Python float (no sync: the schedule keeps floats)."""
+        source = self.shadow if self.shadow is not None else self.optimizer
+        return float(source.param_groups[0]["lr"])
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cuda and self.cfg.train.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        if self.rt.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.train_x.device.type, dtype=self.rt.autocast)
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         # channels_last (NHWC) lets cuDNN use its fastest convolution kernels
-        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+        return x.contiguous(memory_format=torch.channels_last) if self.rt.channels_last else x
+
+    def _set_lr(self) -> None:
+        lr = self.lr()
+        if lr != self._lr_set:  # fill_ with a Python float: a kernel argument, not a host copy
+            self.lr_tensor.fill_(lr)
+            self._lr_set = lr
 
     def train_epoch(self) -> torch.Tensor:
         """One pass over the shuffled training set; returns the mean loss as a device scalar."""
         t = self.cfg.train
-        bs, accum = t.batch_size, t.accum_steps
+        bs = t.batch_size
         self.model.train()
-        perm = torch.randperm(self.train_x.shape[0], device=self.train_x.device, generator=self.gen)
-        loss_sum = torch.zeros((), device=self.train_x.device)
-        for b in range(self.n_batches):
-            idx = perm[b * bs:(b + 1) * bs]
+        dev = self.train_x.device
+        perm = torch.randperm(self.train_x.shape[0], device=dev, generator=self.gen)
+        loss_sum = torch.zeros((), device=dev)
+        # Augment many batches at once (one batched augmentation per chunk, not per step: the
+        # launches of augmentation were a third of a step's); a chunk is bounded in values.
+        per_chunk = max(1, self.rt.aug_chunk_values // (bs * self.train_x[0].numel()))
+        for c in range(0, self.n_batches, per_chunk):
+            nb = min(per_chunk, self.n_batches - c)
+            idx = perm[c * bs:(c + nb) * bs]
             # index_select, not x[idx]: advanced indexing copies uint8 images element by element
-            # on the CPU (about 25x slower per batch, measured in bench/pipeline.py).
-            x = self._layout(augment_batch(self.train_x.index_select(0, idx), self.cfg.augment, self.gen))
-            with self._autocast():
-                loss = self.criterion(self.forward(x), self.train_y.index_select(0, idx))
-            (loss / accum).backward()  # accumulated gradients average over the accum_steps batches
-            loss_sum += loss.detach()  # stays on the device: no sync per step
-            if (b + 1) % accum == 0 or b + 1 == self.n_batches:
-                if t.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(self.params, t.grad_clip)  # no host sync
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.schedule.after_step()
-            if self.bar is not None:
-                self.bar.update(1)
+            # on the CPU (about 25x slower, measured in bench/pipeline.py).
+            xs = self._layout(augment_batch(self.train_x.index_select(0, idx), self.cfg.augment, self.gen))
+            ys = self.train_y.index_select(0, idx)
+            for j in range(nb):
+                x, y = xs[j * bs:(j + 1) * bs], ys[j * bs:(j + 1) * bs]  # views: no copy
+                if self.shadow is not None:
+                    self._static_step(x, y)
+                else:
+                    loss_sum += self._eager_step(x, y, c + j)  # stays on the device: no sync per step
+                if self.bar is not None:
+                    self.bar.update(1)
+        if self.step is not None:
+            loss_sum += self.step.take_loss_sum()
         return loss_sum / self.n_batches
+
+    def _static_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.step is None:
+            self.step = StaticStep(self.forward, self.criterion, self.optimizer, self.params,
+                                   self.cfg.train.grad_clip, self.rt.autocast, x, y, self.capture)
+        self._set_lr()
+        self.step(x, y)
+        self.shadow.step()  # no parameters with grads: only tells the scheduler a step happened
+        self.schedule.after_step()
+
+    def _eager_step(self, x: torch.Tensor, y: torch.Tensor, b: int) -> torch.Tensor:
+        t = self.cfg.train
+        with self._autocast():
+            loss = self.criterion(self.forward(x), y)
+        (loss / t.accum_steps).backward()  # accumulated gradients average over the accum_steps batches
+        if (b + 1) % t.accum_steps == 0 or b + 1 == self.n_batches:
+            if t.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.params, t.grad_clip)  # no host sync
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.schedule.after_step()
+        return loss.detach()
+
+    def after_epoch(self, val_loss: float) -> None:
+        self.schedule.after_epoch(val_loss)
+        if self.shadow is not None:
+            self._set_lr()
 
     @torch.no_grad()
     def evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean plain cross-entropy, accuracy) on the validation set, as device scalars."""
+        """(mean plain cross-entropy, accuracy) on the validation set, as device scalars.
+
+        In fp32, without autocast: bf16 logits round the loss and send argmax ties to class 0,
+        while retrain, predict and the exports are fp32. Fixed-shape batches (the last padded)."""
         self.model.eval()
-        n = self.val_x.shape[0]
-        step = self.cfg.train.batch_size * VAL_BATCH_FACTOR
-        loss_sum = torch.zeros((), device=self.val_x.device)
-        correct = torch.zeros((), device=self.val_x.device)
-        for i in range(0, n, step):
-            x = self._layout(normalize_batch(self.val_x[i:i + step]))
-            y = self.val_y[i:i + step]
-            with self._autocast():
-                logits = self.forward(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        loss_sum = torch.zeros((), device=self.val_n.device)
+        correct = torch.zeros((), device=self.val_n.device)
+        for i in range(0, self.val_n.shape[0], self.val_batch):
+            y = self.val_y[i:i + self.val_batch]
+            x = self.val_n[i:i + self.val_batch]
+            if x.dtype == torch.uint8:  # a val set too big to keep normalised
+                x = self._layout(normalize_batch(x))
+            logits = self.forward(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum", ignore_index=-100)
             correct += (logits.argmax(1) == y).sum()
-        return loss_sum / n, correct / n
+        return loss_sum / self.n_val, correct / self.n_val
 
 
 def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
-def _make_loop(cfg: TrialConfig, data: ImageSet, device: torch.device, model: nn.Module) -> _Loop:
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+def _validation(data: ImageSet, device: torch.device, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(normalised val images padded to whole batches, labels padded with -100, batch size)."""
+    x, y = data.val_x.to(device), data.val_y.to(device)
+    n = x.shape[0]
+    batch = max(1, min(n, VAL_CHUNK_VALUES // x[0].numel()))
+    pad = -n % batch
+    xn = normalize_batch(x) if x.numel() <= VAL_RESIDENT_VALUES else x
+    if pad:
+        xn = torch.cat([xn, xn.new_zeros((pad, *xn.shape[1:]))])
+        y = torch.cat([y, y.new_full((pad,), -100)])
+    if xn.dtype == torch.uint8:
+        return xn, y, batch
+    return (xn.contiguous(memory_format=torch.channels_last) if rt.channels_last else xn), y, batch
+
+
+def _make_loop(cfg: TrialConfig, data: ImageSet, device: torch.device, model: nn.Module, rt: Runtime) -> _Loop:
+    apply_backends(rt, device)
+    if rt.channels_last:
         model = model.to(device, memory_format=torch.channels_last)
     else:
         model = model.to(device)
@@ -240,20 +304,37 @@ def _make_loop(cfg: TrialConfig, data: ImageSet, device: torch.device, model: nn
     # and a 1-image batch would break BatchNorm. A set smaller than one batch is one batch.
     n_batches = max(1, n_train // t.batch_size)
     steps_per_epoch = math.ceil(n_batches / t.accum_steps)
-    optimizer = OPTIMIZERS[o.name](params, o, cuda)
+    # A transfer model with backbone_lr_ratio != 1 gets two lr groups (head, backbone): eager step.
+    from catdog_hpo.engine.transfer import param_groups  # lazy: imports torchvision
+
+    groups = param_groups(model, params, o.lr, getattr(cfg.model, "backbone_lr_ratio", 1.0))
+    static = (rt.static_step and o.name in GRAPH_OPTIMIZERS and t.accum_steps == 1
+              and rt.compile_backend is None and groups is params)
+    capture = static and rt.cuda_graph and device.type == "cuda"
+    shadow = lr_tensor = None
+    if static:
+        optimizer, lr_tensor = graph_optimizer(params, o, device, rt.fused, capturable=capture)
+        shadow = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=o.lr)
+        schedule = SCHEDULERS[o.scheduler](shadow, o, t.epochs, steps_per_epoch)
+    else:
+        optimizer = OPTIMIZERS[o.name](groups, o, rt.fused)
+        schedule = SCHEDULERS[o.scheduler](optimizer, o, t.epochs, steps_per_epoch)
+    forward: Callable[[torch.Tensor], torch.Tensor] = model
+    if rt.compile_backend is not None:
+        # A fresh dynamo cache per trial: each trial's new model would otherwise count as a
+        # recompile of the same code, and the 8-entry limit silently turns later trials eager.
+        torch._dynamo.reset()
+        forward = torch.compile(model, backend=rt.compile_backend, dynamic=False)  # fixed shapes
     gen = torch.Generator(device=device)
     gen.manual_seed(t.seed)
+    val_n, val_y, val_batch = _validation(data, device, rt)
     return _Loop(
-        cfg=cfg, model=model,
-        forward=torch.compile(model) if cuda and t.compile else model,
-        params=params, optimizer=optimizer,
-        schedule=SCHEDULERS[o.scheduler](optimizer, o, t.epochs, steps_per_epoch),
-        criterion=nn.CrossEntropyLoss(label_smoothing=o.label_smoothing),
-        gen=gen,
+        cfg=cfg, rt=rt, model=model, forward=forward, params=params, optimizer=optimizer,
+        schedule=schedule, criterion=nn.CrossEntropyLoss(label_smoothing=o.label_smoothing), gen=gen,
         # no-ops when the caller already keeps the set on the device (the study does)
         train_x=data.train_x.to(device), train_y=data.train_y.to(device),
-        val_x=data.val_x.to(device), val_y=data.val_y.to(device),
-        cuda=cuda, n_batches=n_batches,
+        val_n=val_n, val_y=val_y, n_val=int(data.val_x.shape[0]), val_batch=val_batch,
+        n_batches=n_batches, capture=capture, shadow=shadow, lr_tensor=lr_tensor,
     )
 
 
@@ -267,15 +348,18 @@ def _progress_bar(enabled: bool, total: int) -> Any:
 
 def _run(cfg: TrialConfig, data: ImageSet, device: torch.device,
          on_epoch_end: Callable[[EpochStats], None] | None, model: nn.Module | None,
-         progress: bool) -> FitResult:
+         progress: bool, runtime: Runtime | None, feature_cache: Path | None = None) -> FitResult:
     check_optim(cfg.optim)
     if data.train_x.shape[0] == 0 or data.val_x.shape[0] == 0:
         raise UserError(f"data: {data.train_x.shape[0]} training and {data.val_x.shape[0]} "
                         "validation images; both must be at least 1")
     torch.manual_seed(cfg.train.seed)  # weight init and dropout
+    if model is None and feature_cache is not None and heads.applies(cfg):
+        # frozen backbone: train the head on cached backbone features (engine/heads.py)
+        return heads.fit_frozen(cfg, data, device, feature_cache, on_epoch_end, progress)
     if model is None:
         model = build_model(cfg.model, len(data.classes), data.image_size)
-    loop = _make_loop(cfg, data, device, model)
+    loop = _make_loop(cfg, data, device, model, runtime or for_device(device, cfg.train))
     epochs = cfg.train.epochs
     history: list[EpochStats] = []
     best_epoch, best_acc, best_state = 0, 0.0, None
@@ -285,7 +369,7 @@ def _run(cfg: TrialConfig, data: ImageSet, device: torch.device,
             if loop.bar is not None:
                 loop.bar.set_description(f"epoch {epoch}/{epochs}")
             start = time.perf_counter()
-            lr = float(loop.optimizer.param_groups[0]["lr"])  # a Python float: no sync
+            lr = loop.lr()  # a Python float: no sync
             train_loss_t = loop.train_epoch()
             val_loss_t, val_acc_t = loop.evaluate()
             # The one device->host sync of the epoch: read its losses and accuracy together.
@@ -294,7 +378,7 @@ def _run(cfg: TrialConfig, data: ImageSet, device: torch.device,
                 which = "training" if not math.isfinite(train_loss) else "validation"
                 return FitResult("non_finite", history, best_epoch, best_acc, best_state,
                                  reason=f"non-finite {which} loss at epoch {epoch}")
-            loop.schedule.after_epoch(val_loss)
+            loop.after_epoch(val_loss)
             stats = EpochStats(epoch, train_loss, val_loss, val_acc, time.perf_counter() - start, lr)
             history.append(stats)
             if best_epoch == 0 or val_acc > best_acc:
@@ -316,17 +400,23 @@ def fit(
     on_epoch_end: Callable[[EpochStats], None] | None = None,
     model: nn.Module | None = None,
     progress: bool = False,
+    runtime: Runtime | None = None,
+    feature_cache: Path | None = None,
 ) -> FitResult:
     """Train ``cfg`` on ``data`` for cfg.train.epochs epochs on ``device``; keep the best epoch.
 
-    Builds the model from cfg.model unless ``model`` is given. Seeded from cfg.train.seed: the
-    same config, data and seed on the CPU give the same history. A non-finite loss ends the run
-    (status "non_finite"). Exceptions from ``on_epoch_end`` and CUDA out-of-memory errors
-    propagate unchanged.
+    Builds the model from cfg.model unless ``model`` is given. ``runtime``: the device settings
+    (``engine.runtime``; default: ``for_device``). Seeded from cfg.train.seed: the same config,
+    data, seed and runtime give the same history on the CPU, and on CUDA only after
+    ``configure_process(deterministic=True)`` (``--deterministic``). A non-finite loss ends the
+    run (status "non_finite"). Exceptions (from ``on_epoch_end``, CUDA errors) propagate
+    unchanged, with the locals of fit's frames dropped so the model's memory can be freed.
+    ``feature_cache``: the cache folder; with it, a frozen-backbone transfer config trains only
+    its head on cached backbone features (``engine.heads``), seconds instead of minutes.
     """
     try:
-        return _run(cfg, data, device, on_epoch_end, model, progress)
-    except torch.cuda.OutOfMemoryError as exc:
+        return _run(cfg, data, device, on_epoch_end, model, progress, runtime, feature_cache)
+    except Exception as exc:  # out of memory, a CUDA error, a prune: the caller handles it
         # The traceback's frames hold the model, optimizer state and batches; drop their locals
         # so the caller can free the device memory while it handles the error.
         traceback.clear_frames(exc.__traceback__)

@@ -13,10 +13,11 @@ from typing import Any
 import optuna
 import torch
 
-from catdog_hpo.search import interrupts
-from catdog_hpo.config import TrialConfig, to_dict
-from catdog_hpo.data import DataSource, ImageSet, load_images
+from catdog_hpo.search import interrupts, optuna_compat
+from catdog_hpo.config import TrialConfig, check_optim, to_dict
+from catdog_hpo.data.provider import ImageProvider
 from catdog_hpo.errors import ConfigError
+from catdog_hpo.search.record import TrialKey
 from catdog_hpo.search.spaces import Space, resolve
 
 
@@ -25,34 +26,25 @@ class TrialFailed(Exception):
 
 
 @dataclass(frozen=True)
+class Goal:
+    """What a trial returns: the objectives (catdog_hpo.search.objectives), where latency is
+    timed, and the multi-objective pruning rule (None: no pruning of multi-objective trials)."""
+
+    objectives: tuple[str, ...] = ("accuracy",)
+    latency_device: str = "cpu"  # "cpu" | "cuda" (the trial's GPU when it trains on one)
+    rule: Any = None  # catdog_hpo.search.pareto.ParetoRule | None
+
+    @property
+    def multi(self) -> bool:
+        return len(self.objectives) > 1
+
+
+@dataclass(frozen=True)
 class Budget:
     """The cost guard: a sampled config over these is turned away before any training."""
 
     max_params: int | None = None
     max_flops: int | None = None  # forward FLOPs per image
-
-
-class ImageProvider:
-    """Decoded images, one ImageSet per image size, resident on the training device.
-
-    Images are decoded once per study (the on-disk cache) and loaded once per worker process
-    (this memo), so trials never decode.
-    """
-
-    def __init__(self, source: DataSource, cache_dir: Path, device: torch.device) -> None:
-        self.source = source
-        self.cache_dir = cache_dir
-        self.device = device
-        self._sets: dict[int, ImageSet] = {}
-
-    def get(self, image_size: int) -> ImageSet:
-        if image_size not in self._sets:
-            images = load_images(self.source, image_size, self.cache_dir)
-            # Keep the uint8 tensors on the device for every trial of this worker.
-            images.train_x, images.train_y = images.train_x.to(self.device), images.train_y.to(self.device)
-            images.val_x, images.val_y = images.val_x.to(self.device), images.val_y.to(self.device)
-            self._sets[image_size] = images
-        return self._sets[image_size]
 
 
 def check_cost(cfg: TrialConfig, num_classes: int, budget: Budget) -> dict[str, int]:
@@ -64,7 +56,7 @@ def check_cost(cfg: TrialConfig, num_classes: int, budget: Budget) -> dict[str, 
         raise ConfigError(f"{cost.params:,} parameters > --max-params {budget.max_params:,}")
     if budget.max_flops is not None and cost.flops > budget.max_flops:
         raise ConfigError(f"{cost.flops:,} FLOPs per image > --max-flops {budget.max_flops:,}")
-    return {"n_params": cost.params, "flops": cost.flops}
+    return {TrialKey.N_PARAMS: cost.params, TrialKey.FLOPS: cost.flops}
 
 
 def run_trial(
@@ -74,43 +66,62 @@ def run_trial(
     images: ImageProvider,
     budget: Budget,
     artifact_store: Any | None = None,
-) -> float:
-    """Train one trial and return its final validation accuracy.
+    goal: Goal = Goal(),
+    guard: Any | None = None,
+) -> float | list[float]:
+    """Train one trial and return its value: the validation accuracy of its BEST epoch, the
+    epoch retrain keeps (with ``goal.multi``: the list of its objective values, accuracy first,
+    then the costs in ``goal.objectives`` order).
 
-    Raises optuna.TrialPruned when the pruner stops it or the cost guard turns it away (the
-    reason is in the ``rejected`` user attribute), TrialFailed for a run without a value.
+    Raises optuna.TrialPruned when the pruner stops it, the time budget is spent at an epoch's
+    end, or a guard turns it away before training (--max-params/--max-flops, an infeasible
+    build, ``guard``: catdog_hpo.search.budget.Guard's cost model and time budget). A turned-away
+    trial has the reason in the ``rejected`` user attribute and a positive Optuna constraint, so
+    TPE learns to propose fewer such configs. TrialFailed for a run without a value.
     """
-    from catdog_hpo.engine.train import EpochStats, check_optim, fit
+    from catdog_hpo.engine.train import EpochStats, fit
 
     try:
         cfg = resolve(space, trial, overrides)
         check_optim(cfg.optim)  # e.g. nesterov without momentum: turned away, not failed
         num_classes = len(images.get(cfg.image_size).classes)
         cost = check_cost(cfg, num_classes, budget)
+        if guard is not None:
+            guard.admit(trial, cfg, cost[TrialKey.FLOPS], cost[TrialKey.N_PARAMS], images.get(cfg.image_size))
     except ConfigError as exc:
-        trial.set_user_attr("rejected", str(exc))
+        reject(trial, str(exc))
         raise optuna.TrialPruned(f"rejected: {exc}") from None
-    trial.set_user_attr("config", to_dict(cfg))
+    trial.set_user_attr(TrialKey.CONFIG, to_dict(cfg))
     for key, value in cost.items():
         trial.set_user_attr(key, value)
-    trial.set_user_attr("device", str(images.device))
+    from catdog_hpo.engine.device import device_label
+
+    trial.set_user_attr(TrialKey.DEVICE, device_label(images.device))  # a pinned worker's own GPU
+    costs = _costs(trial, cfg, num_classes, cost, images.device, goal)
     data = images.get(cfg.image_size)
     history: list[dict[str, float]] = []
 
     def on_epoch_end(stats: EpochStats) -> None:
         history.append(asdict(stats))
         with interrupts.deferred():  # Ctrl-C waits for the store writes, then stops the trial
-            trial.report(stats.val_acc, stats.epoch)
-            prune = trial.should_prune()
+            if goal.multi:
+                prune = _multi_objective_step(trial, goal, costs, stats.epoch, stats.val_acc, cfg.train.epochs)
+            else:
+                trial.report(stats.val_acc, stats.epoch)
+                prune = trial.should_prune()
+            if not prune and guard is not None and stats.epoch < cfg.train.epochs and guard.overrun():
+                trial.set_user_attr(TrialKey.BUDGET_STOP, f"budget spent after epoch {stats.epoch}")
+                prune = True
             if prune:
                 _record_history(trial, history)
         if prune:
             raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
 
     with interrupts.allowed():  # training: a signal stops it at once
-        result = fit(cfg, data, images.device, on_epoch_end=on_epoch_end)
+        # feature_cache: a frozen-backbone trial trains its head on cached features (engine/heads.py)
+        result = fit(cfg, data, images.device, on_epoch_end=on_epoch_end, feature_cache=images.cache_dir)
     _record_history(trial, history)
-    trial.set_user_attr("best_epoch", result.best_epoch)
+    trial.set_user_attr(TrialKey.BEST_EPOCH, result.best_epoch)
     if result.status != "completed":
         raise TrialFailed(result.reason or result.status)
     if artifact_store is not None:
@@ -118,11 +129,60 @@ def run_trial(
 
         upload_training_curves(trial.study, trial, history, artifact_store)
     assert result.history, "a completed fit has at least one epoch"
-    return result.history[-1].val_acc
+    # The value is the best epoch's accuracy: the epoch whose weights retrain keeps.
+    if goal.multi:
+        return [result.best_val_acc, *costs.values()]
+    return result.best_val_acc
+
+
+def reject(trial: optuna.Trial, reason: str) -> None:
+    """Record why ``trial``'s config was turned away before training, as a user attribute and
+    as a violated Optuna constraint (TPE puts such trials with the worst, so it samples fewer
+    like them); the study tells it PRUNED and does not count it toward --trials."""
+    from catdog_hpo.search.record import REJECTION_CONSTRAINT
+
+    trial.set_user_attr(TrialKey.REJECTED, reason)
+    trial.set_constraint(REJECTION_CONSTRAINT, 1.0)
+
+
+def _costs(trial: optuna.Trial, cfg: TrialConfig, num_classes: int, cost: dict[str, int],
+           device: torch.device, goal: Goal) -> dict[str, float]:
+    """The trial's cost objectives (name -> value, in goal order), known before training; times
+    the latency (recorded with its method) when it is one of them."""
+    from catdog_hpo.search.objectives import OBJECTIVES
+
+    known: dict[str, float] = {k: float(v) for k, v in cost.items()}
+    if "latency" in goal.objectives:
+        from catdog_hpo.engine.latency import measure_config
+
+        where = device if goal.latency_device == "cuda" and device.type == "cuda" else torch.device(goal.latency_device)
+        latency = measure_config(cfg.model, num_classes, cfg.image_size, where)
+        trial.set_user_attr(TrialKey.LATENCY_MS, latency.ms)
+        trial.set_user_attr(TrialKey.LATENCY_METHOD, latency.method)
+        known[TrialKey.LATENCY_MS] = latency.ms
+    return {name: known[OBJECTIVES[name].attr] for name in goal.objectives[1:]}
+
+
+def _multi_objective_step(trial: optuna.Trial, goal: Goal, costs: dict[str, float], epoch: int,
+                          val_acc: float, last_epoch: int) -> bool:
+    """Record the epoch's accuracy and apply the Pareto rule (catdog_hpo.search.pareto).
+
+    Trial.report refuses multi-objective studies, so the value goes to the storage directly:
+    the same record, and the dashboard and report draw it the same way."""
+    trial.storage.set_trial_intermediate_value(optuna_compat.trial_id(trial), epoch, val_acc)
+    if goal.rule is None:
+        return False
+    from catdog_hpo.search.pareto import decide_for_trial
+
+    decision = decide_for_trial(trial, goal.objectives, costs, epoch, val_acc, last_epoch, goal.rule)
+    if decision.prune:
+        trial.set_user_attr(TrialKey.PRUNED_BY, decision.reason)
+    return decision.prune
 
 
 def _record_history(trial: optuna.Trial, history: list[dict[str, float]]) -> None:
-    trial.set_user_attr("history", history)
-    trial.set_user_attr("epochs_run", len(history))
+    trial.set_user_attr(TrialKey.HISTORY, history)
+    trial.set_user_attr(TrialKey.EPOCHS_RUN, len(history))
+    trial.set_user_attr(TrialKey.MEASURED_S, round(sum(h["seconds"] for h in history), 3))
     if history:
-        trial.set_user_attr("sec_per_epoch", round(sum(h["seconds"] for h in history) / len(history), 4))
+        trial.set_user_attr(TrialKey.SEC_PER_EPOCH, round(sum(h["seconds"] for h in history) / len(history), 4))

@@ -8,15 +8,14 @@ without "database is locked" errors on either side.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import re
 import sqlite3
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from catdog_hpo.errors import UserError
+from catdog_hpo.search.locks import schema_lock
 
 if TYPE_CHECKING:
     from typing import Callable
@@ -42,6 +41,16 @@ def mask_password(url: str) -> str:
     'postgresql://user:***@host/db'
     """
     masked = url
+    if "://" in url:
+        try:  # SQLAlchemy's own rendering where the URL parses (it knows its quoting rules)
+            from sqlalchemy.engine import make_url
+
+            parsed = make_url(url)
+            if parsed.password is not None:
+                masked = parsed.render_as_string(hide_password=True)
+        except Exception:  # not a URL SQLAlchemy parses (error text, a journal path): the regex
+            pass
+    # Still applied: SQLAlchemy splits "user:p@ss@host" at the first "@" and would show "ss".
     m = _USERINFO.match(masked)
     if m is not None and m.group("password"):
         masked = f"{m.group('head')}:***@{m.group('tail')}"
@@ -55,8 +64,9 @@ def open_storage(
     *,
     create: bool = True,
     heartbeat_stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-) -> RDBStorage:
-    """An Optuna RDB storage for ``url``; a bad URL is a one-line UserError (password masked).
+) -> BaseStorage:
+    """An Optuna RDB storage for ``url`` (or a journal file store, catdog_hpo.search.journal);
+    a bad URL is a one-line UserError (password masked).
 
     ``heartbeat_interval``/``grace_period`` (seconds) pass through to ``RDBStorage``: with them a
     trial whose worker died is marked FAILED after the grace period. ``create=False`` (read-only
@@ -68,6 +78,13 @@ def open_storage(
     from optuna.storages import RDBStorage
 
     shown = mask_password(url)
+    from catdog_hpo.search.journal import journal_path, open_journal
+
+    journal = journal_path(url)
+    if journal is not None:
+        return open_journal(journal, shown, create=create, heartbeat_interval=heartbeat_interval,
+                            grace_period=grace_period,
+                            heartbeat_stale_trial_callback=heartbeat_stale_trial_callback)
     parsed = _parse_url(url, shown)
     url = _with_installed_driver(parsed, url)
     engine_kwargs: dict = {}
@@ -75,7 +92,7 @@ def open_storage(
         _prepare_sqlite(parsed.database, shown, create)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
     try:
-        with warnings.catch_warnings(), _schema_lock(parsed, url):
+        with warnings.catch_warnings(), schema_lock(url):
             # heartbeat_interval is "experimental" in Optuna 5; the warning means nothing to a user.
             warnings.simplefilter("ignore", ExperimentalWarning)
             storage = RDBStorage(
@@ -87,7 +104,7 @@ def open_storage(
             )
     except ImportError as exc:
         why = _first_line(exc.__cause__ or exc)
-        raise UserError(f"study store {shown}: its database driver is not installed ({why})") from None
+        raise UserError(f"study store {shown}: its database driver is not installed ({why}){_extra_hint(parsed)}") from None
     except sqlalchemy.exc.SQLAlchemyError as exc:
         detail = _first_line(getattr(exc, "orig", None) or exc)
         raise UserError(f"cannot open study store {shown}: {mask_password(detail)}") from None
@@ -99,55 +116,11 @@ def open_storage(
     return storage
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock between processes on this machine, held on ``path`` (created if missing)."""
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _schema_lock(parsed, url: str) -> Iterator[None]:  # parsed: sqlalchemy.engine.URL
-    """Held while RDBStorage creates Optuna's tables in a new store: processes opening the same
-    empty store at once (machines started together) would otherwise race to create them, and
-    all but one fail ("table studies already exists", "duplicate key value")."""
-    import sqlalchemy
-
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        database = parsed.database
-        if not database or database == ":memory:" or database.startswith("file:"):
-            yield
-            return
-        with file_lock(Path(f"{database}.lock")):  # the lock file study.study_lock uses too
-            yield
-        return
-    if backend not in ("postgresql", "mysql", "mariadb"):
-        yield
-        return
-    if backend == "postgresql":
-        lock, unlock = "SELECT pg_advisory_lock(7283612)", "SELECT pg_advisory_unlock(7283612)"
-    else:
-        lock, unlock = "SELECT GET_LOCK('catdog-hpo-schema', 600)", "SELECT RELEASE_LOCK('catdog-hpo-schema')"
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text(lock))
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text(unlock))
-    finally:
-        engine.dispose()
-
-
 def study_names(storage: BaseStorage) -> list[str]:
     """The names of the studies in ``storage``, oldest first."""
-    return [s.study_name for s in sorted(storage.get_all_studies(), key=lambda s: s._study_id)]
+    import optuna
+
+    return optuna.get_all_study_names(storage)  # in the storage's order: by id, so oldest first
 
 
 def load_study(storage: BaseStorage, name: str, shown_url: str = "the study store") -> optuna.Study:
@@ -169,19 +142,30 @@ def _parse_url(url: str, shown: str):  # -> sqlalchemy.engine.URL
     if not isinstance(url, str) or "://" not in url:
         raise UserError(
             f"--storage {shown!r}: not a storage URL (e.g. sqlite:///studies/catdog.db, "
-            "postgresql://user@host/db, mysql+pymysql://user@host/db)"
+            "postgresql://user@host/db, mysql+pymysql://user@host/db, a journal file studies/catdog.log)"
         )
     try:
         parsed = sqlalchemy.engine.make_url(url)
         parsed.get_dialect()
     except sqlalchemy.exc.NoSuchModuleError:
         scheme = url.split("://", 1)[0]
-        raise UserError(f"--storage {shown}: unknown scheme {scheme!r} (use sqlite, postgresql or mysql)") from None
+        raise UserError(f"--storage {shown}: unknown scheme {scheme!r} (use sqlite, postgresql, mysql or journal)") from None
     except sqlalchemy.exc.ArgumentError as exc:
         raise UserError(f"--storage {shown}: cannot parse it ({mask_password(_first_line(exc))})") from None
     except ImportError as exc:
-        raise UserError(f"--storage {shown}: its database driver is not installed ({_first_line(exc)})") from None
+        raise UserError(f"--storage {shown}: its database driver is not installed ({_first_line(exc)})"
+                        f"{_extra_hint(sqlalchemy.engine.make_url(url))}") from None
     return parsed
+
+
+# Backend -> the pyproject extra that installs its driver (the driver _DRIVER_FALLBACKS picks).
+_EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
+
+
+def _extra_hint(parsed) -> str:  # parsed: sqlalchemy.engine.URL
+    """": pip install 'catdog-hpo[postgres]'" for a backend with an extra, else ""."""
+    extra = _EXTRAS.get(parsed.get_backend_name())
+    return f": pip install 'catdog-hpo[{extra}]'" if extra else ""
 
 
 # URL scheme without a driver -> the drivers to try, in order, as (driver name, module to import).

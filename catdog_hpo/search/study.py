@@ -1,7 +1,6 @@
 """`catdog-hpo run`: the study around the objective.
 
-Storage, samplers and pruners (registries whose keys are the CLI's choices), creating or
-resuming a study, the trial budget shared by every worker on every machine, the grid, heartbeats,
+Storage (the sampler and pruner registries: ``search.samplers``), creating or resuming a study, the trial budget shared by every worker on every machine, the grid, heartbeats,
 interrupts, and the live progress output.
 
 The budget: ``--trials N`` is the study's target of finished trials (COMPLETE + PRUNED). A worker
@@ -13,20 +12,16 @@ twice and none is left behind (Optuna's own GridSampler loses or repeats points 
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import hashlib
 import math
 import os
 import random
 import signal
 import sys
-import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -34,9 +29,18 @@ from optuna.trial import TrialState
 from catdog_hpo import __version__
 from catdog_hpo.search import interrupts
 from catdog_hpo.data import DataSource
+from catdog_hpo.engine.device import classify_cuda_error, free_device_memory
 from catdog_hpo.errors import UserError
-from catdog_hpo.search.objective import Budget, ImageProvider, TrialFailed, run_trial
-from catdog_hpo.search.spaces import Space, base_image_size, grid_points, load_space
+from catdog_hpo.data.provider import ImageProvider
+from catdog_hpo.search.objective import Budget, Goal, TrialFailed, run_trial
+from catdog_hpo.search.objectives import directions
+from catdog_hpo.search import optuna_compat
+from catdog_hpo.search.locks import study_lock
+from catdog_hpo.search.samplers import (MULTI_OBJECTIVE_PRUNERS, PRUNERS, SAMPLERS, SINGLE_OBJECTIVE_SAMPLERS,
+                                        first_rung)
+from catdog_hpo.search.record import SAMPLER_STREAMS, StudyInfo, StudyKey, TrialKey
+from catdog_hpo.search.space_files import base_image_size, load_space
+from catdog_hpo.search.spaces import Space, grid_points
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -50,36 +54,6 @@ _POLL_S = 1.0  # seconds between checks while waiting on other workers' trials
 _MAX_FAILS_IN_A_ROW = 5  # a worker whose trials keep failing stops instead of burning the budget
 
 
-# --------------------------------------------------------------------------- registries
-
-
-def _tpe(seed: int | None, n_trials: int) -> optuna.samplers.BaseSampler:
-    # Written out rather than left to the 5.0 defaults, so a seed means the same thing across
-    # versions: multivariate TPE with groups (conditional spaces), constant liar for workers.
-    startup = max(5, min(10, n_trials // 4))  # random trials before TPE models the space
-    return optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=startup, multivariate=True, group=True,
-        constant_liar=True,
-    )
-
-
-SAMPLERS: dict[str, Callable[[int | None, int], optuna.samplers.BaseSampler]] = {
-    "tpe": _tpe,
-    "random": lambda seed, n: optuna.samplers.RandomSampler(seed=seed),
-    # The grid's points are enqueued trials (fixed params); this sampler never picks one.
-    "grid": lambda seed, n: optuna.samplers.RandomSampler(seed=seed),
-}
-
-PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
-    "median": lambda epochs: optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1),
-    "sha": lambda epochs: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
-    "hyperband": lambda epochs: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 2), reduction_factor=3),
-    "patient": lambda epochs: optuna.pruners.PatientPruner(
-        optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1), patience=2),
-    "none": lambda epochs: optuna.pruners.NopPruner(),
-}
-
-
 @dataclass(frozen=True)
 class RunSettings:
     study: str
@@ -87,10 +61,11 @@ class RunSettings:
     space: str  # built-in name or path
     sampler: str
     pruner: str
-    trials: int
+    trials: int | None  # None: as many as the time budget allows (needs time_budget)
     data: DataSource
     timeout: float | None = None  # seconds for this process to start new trials
     epochs: int | None = None  # overrides the space's train.epochs
+    weights: str | None = None  # run --weights FILE: overrides model.weights_file (transfer families)
     workers: int = 1
     seed: int = 0
     devices: tuple[str, ...] = ("cpu",)  # one per worker (catdog_hpo.engine.device.assign_gpus)
@@ -98,9 +73,17 @@ class RunSettings:
     studies_dir: Path = Path("studies")
     heartbeat: int = 10  # seconds between heartbeats; a trial silent for 3x this is stale
     progress: bool = True
+    objectives: tuple[str, ...] = ("accuracy",)  # search.objectives.OBJECTIVES keys, accuracy first
+    latency_device: str = "cpu"  # where the latency objective is timed
+    run_config: dict[str, Any] | None = None  # run --config FILE: {"path": ..., "values": {...}}
+    deterministic: bool = False  # --deterministic: reproducible CUDA kernels (engine.runtime)
+    time_budget: float | None = None  # run --budget: the study's wall-clock seconds (search.budget)
+    baseline: bool = True  # enqueue the space's baseline config as trial 0 of a new study
+    enqueue: tuple[dict[str, Any], ...] = ()  # run --enqueue FILE: params to run first (before the baseline)
+    enqueue_from: str | None = None  # that FILE, recorded on its trials
 
 
-# --------------------------------------------------------------------------- storage and lock
+# --------------------------------------------------------------------------- storage
 
 
 def open_run_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
@@ -115,64 +98,50 @@ def open_run_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
     )
 
 
-@contextlib.contextmanager
-def study_lock(storage: optuna.storages.BaseStorage, url: str, study_name: str) -> Iterator[None]:
-    """A lock shared by every worker of the study: a file lock beside a SQLite file, an
-    advisory lock on PostgreSQL, GET_LOCK on MySQL/MariaDB."""
-    key = int(hashlib.sha256(study_name.encode()).hexdigest()[:15], 16)  # fits a signed bigint
-    if url.startswith("sqlite:///"):
-        from catdog_hpo.search.storage import file_lock
-
-        with file_lock(Path(url[len("sqlite:///"):] + ".lock")):
-            yield
-        return
-    engine = getattr(storage, "engine", None)
-    if engine is None or engine.dialect.name not in ("postgresql", "mysql", "mariadb"):
-        with _LOCAL_LOCK:
-            yield
-        return
-    import sqlalchemy
-
-    with engine.connect() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            unlock = ("SELECT pg_advisory_unlock(:k)", {"k": key})
-        else:
-            conn.execute(sqlalchemy.text("SELECT GET_LOCK(:k, 600)"), {"k": f"catdog-{key}"})
-            unlock = ("SELECT RELEASE_LOCK(:k)", {"k": f"catdog-{key}"})
-        try:
-            yield
-        finally:
-            conn.execute(sqlalchemy.text(unlock[0]), unlock[1])
-
-
-_LOCAL_LOCK = threading.Lock()
-
-
 # --------------------------------------------------------------------------- create or resume
 
 
 def study_attrs(settings: RunSettings, space: Space, data_fingerprint: str) -> dict[str, Any]:
     return {
-        "space": space.name,
-        "space_fingerprint": space.fingerprint,
-        "sampler": settings.sampler,
-        "pruner": settings.pruner,
-        "data": settings.data.describe(),
-        "data_source": asdict(settings.data),  # all of it, so export/retrain rebuild the same split
-        "data_fingerprint": data_fingerprint,
-        "overrides": overrides_of(settings),  # dotted config paths fixed on top of the space
-        "target_trials": settings.trials,
-        "seed": settings.seed,
-        "epochs": settings.epochs,
-        "catdog_hpo_version": __version__,
+        StudyKey.SPACE: space.name,
+        StudyKey.SPACE_FINGERPRINT: space.fingerprint,
+        StudyKey.SAMPLER: settings.sampler,
+        StudyKey.PRUNER: settings.pruner,
+        StudyKey.DATA: settings.data.describe(),
+        StudyKey.DATA_SOURCE: asdict(settings.data),  # all of it, so export/retrain rebuild the same split
+        StudyKey.DATA_FINGERPRINT: data_fingerprint,
+        StudyKey.OVERRIDES: overrides_of(settings),  # dotted config paths fixed on top of the space
+        StudyKey.TARGET_TRIALS: settings.trials,
+        StudyKey.SEED: settings.seed,
+        StudyKey.EPOCHS: settings.epochs,
+        StudyKey.VERSION: __version__,
+        StudyKey.OBJECTIVES: list(settings.objectives),
+        StudyKey.LATENCY_DEVICE: settings.latency_device if "latency" in settings.objectives else None,
+        StudyKey.SAMPLERS_USED: [settings.sampler],
+        StudyKey.RUN_CONFIG: settings.run_config,
     }
 
 
-_STREAMS = "catdog_hpo:sampler_streams"  # study system attr: sampler streams handed out so far
-
 # What must match for a rerun to continue a study (anything else would mix incomparable trials).
-_MUST_MATCH = ("space_fingerprint", "sampler", "data", "data_fingerprint", "epochs")
+# The sampler may change (random start, then TPE): every sampler reads the same trials.
+_MUST_MATCH = (StudyKey.SPACE_FINGERPRINT, StudyKey.DATA, StudyKey.DATA_FINGERPRINT, StudyKey.EPOCHS)
+
+
+_OPEN_ENDED = 100  # the trial count samplers size their start-up phase by when only --budget bounds the study
+
+
+def _enqueue_first(study: optuna.Study, settings: RunSettings, space: Space, again: bool) -> None:
+    """A new study's first trials: the space's baseline (trial 0; not with the grid, whose points
+    are the design, nor with --no-baseline), then the user's --enqueue configs."""
+    if settings.baseline and space.baseline is not None and settings.sampler != "grid":
+        study.enqueue_trial(space.baseline, user_attrs={TrialKey.BASELINE: True}, skip_if_exists=again)
+    _enqueue_user(study, settings, skip_if_exists=again)
+
+
+def _enqueue_user(study: optuna.Study, settings: RunSettings, skip_if_exists: bool) -> None:
+    for params in settings.enqueue:
+        study.enqueue_trial(params, user_attrs={TrialKey.ENQUEUED_FROM: settings.enqueue_from},
+                            skip_if_exists=skip_if_exists)
 
 
 def create_or_resume(settings: RunSettings, storage: optuna.storages.BaseStorage, space: Space,
@@ -186,32 +155,85 @@ def create_or_resume(settings: RunSettings, storage: optuna.storages.BaseStorage
     points = grid_points(space) if settings.sampler == "grid" else []
     with study_lock(storage, settings.storage, settings.study):
         study = optuna.create_study(study_name=settings.study, storage=storage,
-                                    pruner=pruner, direction="maximize", load_if_exists=True)
+                                    pruner=pruner, directions=directions(settings.objectives),
+                                    load_if_exists=True)
         # Each sampler of the study draws its own stream, numbered under the lock: separate
         # machines (each one's worker 0), workers and resumed runs never repeat each other's
         # parameters, and a fresh study still replays exactly from --seed.
-        stream = int(storage.get_study_system_attrs(study._study_id).get(_STREAMS, 0))
-        storage.set_study_system_attr(study._study_id, _STREAMS, stream + 1)
-        study.sampler = SAMPLERS[settings.sampler](settings.seed + 1_000_003 * stream, settings.trials)
+        stream = optuna_compat.bump_study_counter(storage, study, SAMPLER_STREAMS)
+        study.sampler = SAMPLERS[settings.sampler](settings.seed + 1_000_003 * stream, settings.trials or _OPEN_ENDED)
         have = study.user_attrs
-        if "space_fingerprint" not in have:  # new: enqueue the grid, then record what it is
+        if StudyKey.SPACE_FINGERPRINT not in have:  # new: enqueue the grid, then record what it is
             # A study left half-made by a crash in here has some points queued already.
             again = bool(study.get_trials(deepcopy=False))
             random.Random(settings.seed).shuffle(points)  # any prefix of the grid is spread out
+            _enqueue_first(study, settings, space, again)
             for params in points:
                 study.enqueue_trial(params, skip_if_exists=again)
             if points:
-                study.set_user_attr("grid_size", len(points))
-            for key, value in sorted(wanted.items(), key=lambda kv: kv[0] == "space_fingerprint"):
+                study.set_user_attr(StudyKey.GRID_SIZE, len(points))
+            study.set_metric_names(list(settings.objectives))  # the dashboard's names for the values
+            for key, value in sorted(wanted.items(), key=lambda kv: kv[0] == StudyKey.SPACE_FINGERPRINT):
                 study.set_user_attr(key, value)  # the fingerprint last: it marks the study made
             return study, len(points)
+    made_with = list(have.get(StudyKey.OBJECTIVES) or ["accuracy"])  # older studies: accuracy only
+    if made_with != list(settings.objectives):
+        raise UserError(f"study {settings.study!r} was made with --objectives {','.join(made_with)}, this run has "
+                        f"{','.join(settings.objectives)}: pass another --study name to start a new study")
     for key in _MUST_MATCH:
         if have.get(key) != wanted[key]:
             raise UserError(
                 f"study {settings.study!r} was made with {key.replace('_', ' ')} {have.get(key)!r}, "
                 f"this run has {wanted[key]!r}: pass another --study name to start a new study"
             )
-    return study, int(have.get("grid_size", 0))
+    _record_sampler(study, storage, settings, have)
+    if settings.enqueue:  # a resumed study runs the user's --enqueue configs next (once each)
+        with study_lock(storage, settings.storage, settings.study):
+            _enqueue_user(study, settings, skip_if_exists=True)
+    return study, int(have.get(StudyKey.GRID_SIZE, 0))
+
+
+def _record_sampler(study: optuna.Study, storage: optuna.storages.BaseStorage, settings: RunSettings,
+                    have: dict[str, Any]) -> None:
+    """On resume: allow another sampler (not to or from the grid) and append it to the study's
+    list of samplers used; record this run's --config file."""
+    before = have.get(StudyKey.SAMPLER)
+    if before is not None and before != settings.sampler and "grid" in (before, settings.sampler):
+        # The grid is enqueued when the study is made and the budget counts its points.
+        raise UserError(f"study {settings.study!r} was made with sampler {before!r}: a grid study cannot "
+                        f"switch samplers, nor another study switch to the grid (run --sampler "
+                        f"{settings.sampler} under another --study name)")
+    with study_lock(storage, settings.storage, settings.study):
+        attrs = study.user_attrs  # again, under the lock: another machine may have switched too
+        used = list(attrs.get(StudyKey.SAMPLERS_USED) or ([before] if before else []))
+        if not used or used[-1] != settings.sampler:
+            study.set_user_attr(StudyKey.SAMPLERS_USED, used + [settings.sampler])
+        if attrs.get(StudyKey.SAMPLER) != settings.sampler:
+            study.set_user_attr(StudyKey.SAMPLER, settings.sampler)  # the sampler in use now
+        if settings.run_config is not None and attrs.get(StudyKey.RUN_CONFIG) != settings.run_config:
+            study.set_user_attr(StudyKey.RUN_CONFIG, settings.run_config)
+
+
+def check_goal(sampler: str, pruner: str, objectives: tuple[str, ...]) -> None:
+    """One-line UserError for a sampler or pruner that cannot serve these objectives."""
+    if len(objectives) < 2:
+        if pruner == "pareto":
+            raise UserError("--pruner pareto: needs several objectives (e.g. --objectives accuracy,params)")
+        return
+    if sampler in SINGLE_OBJECTIVE_SAMPLERS:
+        raise UserError(f"--objectives {','.join(objectives)} with --sampler {sampler}: "
+                        f"{SINGLE_OBJECTIVE_SAMPLERS[sampler]} (use tpe, random or nsga2)")
+    if pruner not in MULTI_OBJECTIVE_PRUNERS:
+        raise UserError(f"--pruner {pruner} with --objectives {','.join(objectives)}: a multi-objective study "
+                        f"prunes with {' or '.join(MULTI_OBJECTIVE_PRUNERS)} (see README: the Pareto rule)")
+
+
+def goal_of(settings: RunSettings) -> Goal:
+    """What each trial returns, and the Pareto pruning rule when the study has several objectives."""
+    from catdog_hpo.search.pareto import ParetoRule
+
+    rule = ParetoRule() if len(settings.objectives) > 1 and settings.pruner == "pareto" else None
+    return Goal(objectives=settings.objectives, latency_device=settings.latency_device, rule=rule)
 
 
 def _epochs_of(space: Space, settings: RunSettings) -> int:
@@ -225,39 +247,52 @@ def overrides_of(settings: RunSettings) -> dict[str, Any]:
     out: dict[str, Any] = {"train.seed": settings.seed}
     if settings.epochs is not None:
         out["train.epochs"] = settings.epochs
+    if settings.weights is not None:
+        out["model.weights_file"] = settings.weights
     return out
 
 
 # --------------------------------------------------------------------------- the budget
 
 
+def counts_toward_n(t: optuna.trial.FrozenTrial) -> bool:
+    """A finished trial that trained (completed or pruned); a config turned away before
+    training (search.objective.reject) does not use up --trials."""
+    return t.state in FINISHED and TrialKey.REJECTED not in t.user_attrs
+
+
 def count(study: optuna.Study) -> tuple[int, int, int]:
-    """(finished, running, waiting) trials of the study."""
+    """(finished, running, waiting) trials of the study; finished: those that count toward N."""
     trials = study.get_trials(deepcopy=False)
-    finished = sum(t.state in FINISHED for t in trials)
+    finished = sum(counts_toward_n(t) for t in trials)
     running = sum(t.state == TrialState.RUNNING for t in trials)
     waiting = sum(t.state == TrialState.WAITING for t in trials)
     return finished, running, waiting
 
 
-def claim_trial(study: optuna.Study, storage: Any, settings: RunSettings, grid: int) -> optuna.Trial | str:
-    """A new trial if the budget allows one now, else "done" or "wait" (others are running)."""
-    if optuna.storages._heartbeat.is_heartbeat_enabled(storage):
+def claim_trial(study: optuna.Study, storage: Any, settings: RunSettings, grid: int,
+                clock: Any = None) -> optuna.Trial | str:
+    """A new trial if the budget allows one now, else "done" or "wait" (others are running).
+    ``clock``: the study's time budget (search.budget.StudyClock); none left is "done"."""
+    if clock is not None and clock.left() <= 0:
+        return "done"
+    if optuna_compat.heartbeat_enabled(storage):
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, retried
     with study_lock(storage, settings.storage, settings.study):
         finished, running, waiting = count(study)
-        if finished >= settings.trials:
+        target = settings.trials if settings.trials is not None else math.inf
+        if finished >= target:
             return "done"
         if grid and waiting == 0:
             return "wait" if running else "done"  # the grid is exhausted once nothing runs
-        if finished + running >= settings.trials:
+        if finished + running >= target:
             return "wait"  # a running trial may fail and free its place
         trial = study.ask()
-        if optuna.storages._heartbeat.is_heartbeat_enabled(storage):
+        if optuna_compat.heartbeat_enabled(storage):
             # A heartbeat from the claim on: a worker that dies before its heartbeat thread
             # starts still leaves a trial that goes stale and is retried (Optuna never fails a
             # RUNNING trial with no heartbeat at all, and it would hold its place in the budget).
-            storage.record_heartbeat(trial._trial_id)
+            optuna_compat.record_heartbeat(storage, trial)
         return trial
 
 
@@ -280,6 +315,11 @@ def open_study(settings: RunSettings, device: str) -> Opened:
     import torch
 
     space = load_space(settings.space)
+    if settings.enqueue:  # the user's configs are points of this space, checked before anything runs
+        from catdog_hpo.search.space_files import check_params
+
+        for i, params in enumerate(settings.enqueue):
+            check_params(space, params, f"--enqueue {settings.enqueue_from}" + (f" [{i}]" if len(settings.enqueue) > 1 else ""))
     # The images first: bad data is reported before a store is created for nothing, and they are
     # decoded and cached once, so workers started after this only load the cache.
     images = ImageProvider(settings.data, settings.studies_dir / "cache", torch.device(device))
@@ -296,20 +336,28 @@ def work(settings: RunSettings, device: str, deadline: float | None,
 
     from catdog_hpo.search.artifacts import artifact_store
 
+    from catdog_hpo.engine.runtime import configure_process
+
     if device == "cpu" and settings.workers > 1:
         # Share the cores: K workers each running all-core OpenMP pools oversubscribe the CPU,
         # and spinning threads made steps 5-20x slower when measured on 2 cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
+    # TF32, determinism; a CUDA worker sharing its GPU keeps 1-2 CPU threads (it only launches)
+    from catdog_hpo.engine.device import device_label
+
+    shared = _shares_gpu(settings, device_label(torch.device(device)))  # a pinned worker's own GPU
+    configure_process(device, deterministic=settings.deterministic, shared_gpu=shared)
     if opened is None:
         opened = open_study(settings, device)
     space, storage, study, grid, images = (opened.space, opened.storage, opened.study, opened.grid,
                                            opened.images)
     store = artifact_store(settings.studies_dir)
     overrides = overrides_of(settings)
-    fails_in_a_row = 0
+    clock, guard = _budget_guard(settings, study, device, _epochs_of(space, settings))
+    fails_in_a_row = rejects_in_a_row = 0
     while deadline is None or time.time() < deadline:
         interrupts.check()  # a signal that came during the last trial's store writes
-        trial = claim_trial(study, storage, settings, grid)
+        trial = claim_trial(study, storage, settings, grid, clock)
         if trial == "done":
             return
         if trial == "wait":
@@ -317,23 +365,54 @@ def work(settings: RunSettings, device: str, deadline: float | None,
                 time.sleep(_POLL_S)
             continue
         # The heartbeat thread study.optimize runs too (ours is an ask/tell loop, for the budget).
-        with optuna.storages._heartbeat.get_heartbeat_thread(trial._trial_id, storage):
-            state = _run_one(study, trial, space, overrides, images, settings.budget, store)
+        with optuna_compat.heartbeat_thread(trial, storage):
+            state = _run_one(study, trial, space, overrides, images, settings.budget, store, goal_of(settings),
+                             guard)
         fails_in_a_row = fails_in_a_row + 1 if state == TrialState.FAIL else 0
+        rejected = trial.user_attrs.get(TrialKey.REJECTED) if state == TrialState.PRUNED else None
+        rejects_in_a_row = rejects_in_a_row + 1 if rejected else 0
         if on_trial_end is not None:
             on_trial_end()
+        if guard.too_late >= _TOO_LATE_IN_A_ROW:  # the budget's end: what is left fits no trial
+            print(f"budget: {rejects_in_a_row} configs in a row would not finish in the time left; "
+                  "no more trials start", file=sys.stderr)
+            return
+        if rejects_in_a_row >= _MAX_REJECTS_IN_A_ROW:
+            # The sampler keeps proposing configs the guards turn away: stop, say why.
+            left = clock.left()
+            hint = ("the budget left is too small for the configs this space proposes"
+                    if math.isfinite(left) else "loosen --max-params/--max-flops or narrow the space")
+            print(f"stopping: the last {rejects_in_a_row} configs were all turned away before training "
+                  f"(last: {rejected}); {hint}", file=sys.stderr)
+            return
         if fails_in_a_row >= _MAX_FAILS_IN_A_ROW:
             raise UserError(f"{fails_in_a_row} trials in a row failed; see the fail reasons with "
                             f"catdog-hpo show --study {settings.study}")
 
 
-def _run_one(study: optuna.Study, trial: optuna.Trial, space: Space, overrides: dict[str, Any],
-             images: ImageProvider, budget: Budget, store: Any) -> TrialState:
-    """Run one claimed trial and tell the study how it ended; never leaves it RUNNING."""
+_MAX_REJECTS_IN_A_ROW = 25  # configs turned away in a row (each costs ~ms) before a worker gives up
+_TOO_LATE_IN_A_ROW = 3  # configs in a row that would not finish in the budget left: the budget is done
+
+
+def _budget_guard(settings: RunSettings, study: optuna.Study, device: str, epochs: int) -> tuple[Any, Any]:
+    """This worker's clock on the study's time budget and its cost-model guard."""
     import torch
 
+    from catdog_hpo.search.budget import Guard, Plan, StudyClock, resolve_budget
+
+    clock = StudyClock(study, resolve_budget(study, settings.time_budget))
+    decided_at = first_rung(epochs) if settings.pruner not in ("none", "pareto") else None
+    plan = Plan(trials=settings.trials, workers=settings.workers, decided_at=decided_at)
+    return clock, Guard(study, clock, plan, torch.device(device))
+
+
+def _run_one(study: optuna.Study, trial: optuna.Trial, space: Space, overrides: dict[str, Any],
+             images: ImageProvider, budget: Budget, store: Any, goal: Goal = Goal(),
+             guard: Any = None) -> TrialState:
+    """Run one claimed trial and tell the study how it ended; never leaves it RUNNING.
+    WorkerRestart after a sticky CUDA error (the trial failed and its parameters queued again)."""
     try:
-        value = run_trial(trial, space, overrides, images, budget, store)
+        value = run_trial(trial, space, overrides, images, budget, store, goal, guard)
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         return TrialState.PRUNED
@@ -341,42 +420,73 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, space: Space, overrides: 
         # Not the trial's fault: fail it, and queue its parameters to run first on resume.
         # A second signal must not cut this short and leave the trial RUNNING.
         interrupts.ignore()
-        trial.set_user_attr("fail_reason", "interrupted (SIGTERM)" if isinstance(exc, interrupts.Terminated)
+        trial.set_user_attr(TrialKey.FAIL_REASON, "interrupted (SIGTERM)" if isinstance(exc, interrupts.Terminated)
                             else "interrupted (Ctrl-C)")
         study.tell(trial, state=TrialState.FAIL)
         if trial.params:
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            study.enqueue_trial(trial.params, user_attrs={TrialKey.RETRY_OF: trial.number})
         raise
-    except torch.cuda.OutOfMemoryError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
-        _fail(study, trial, f"CUDA out of memory: {first}")
-        del exc
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # give the memory back before the next trial
-        return TrialState.FAIL
     except TrialFailed as exc:
         _fail(study, trial, str(exc))
         return TrialState.FAIL
-    except Exception as exc:  # a bug or a bad environment: record it, go on to the next trial
-        _fail(study, trial, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # out of memory, a CUDA error, a bug: record it, go on (or restart)
+        kind = classify_cuda_error(exc)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if kind == "oom":
+            _fail(study, trial, f"CUDA out of memory: {first}")
+        else:
+            _fail(study, trial, f"{type(exc).__name__}: {exc}")
+        del exc  # its traceback holds the trial's frames
+        free_device_memory()  # give the memory back before the next trial
+        if kind == "sticky":
+            # The process's CUDA context is unusable: every later trial here would fail. The
+            # trial's parameters run again first, in a fresh worker process.
+            if trial.params:
+                study.enqueue_trial(trial.params, user_attrs={TrialKey.RETRY_OF: trial.number})
+            raise WorkerRestart(first)
         return TrialState.FAIL
     study.tell(trial, value)
     return TrialState.COMPLETE
 
 
+class WorkerRestart(Exception):
+    """A sticky CUDA error: the worker process must exit and a fresh one take its place."""
+
+
+RESTART_EXIT = 75  # a worker's exit code asking the parent for a fresh process (EX_TEMPFAIL)
+_MAX_RESTARTS = 3  # per worker slot: a GPU that keeps failing stops the run instead
+
+
+def _shares_gpu(settings: RunSettings, device: str) -> bool:
+    """More than one worker of this run on ``device``'s GPU (always False on the CPU)."""
+    return device != "cpu" and settings.devices.count(device) > 1
+
+
 def _fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
-    trial.set_user_attr("fail_reason", reason.splitlines()[0][:500])
+    trial.set_user_attr(TrialKey.FAIL_REASON, reason.splitlines()[0][:500])
     study.tell(trial, state=TrialState.FAIL)
 
 
 def _worker_main(settings: RunSettings, worker: int, device: str, deadline: float | None) -> None:
     """Entry point of a worker process (spawned: no CUDA state shared with the parent)."""
+    from catdog_hpo.errors import install_warning_format
+
+    from catdog_hpo.engine.device import pin_worker_device
+
+    install_warning_format()  # as in the parent CLI: one "warning: ..." line
+    # Before any CUDA call: this process sees only its GPU (as cuda:0), so it never opens a
+    # context on another one; workers sharing a GPU get expandable allocator segments.
+    shared = _shares_gpu(settings, device)
+    device = pin_worker_device(device, shared)
     interrupts.install()
     try:
         work(settings, device, deadline)
     except (KeyboardInterrupt, interrupts.Terminated):
         sys.exit(130)
+    except WorkerRestart as exc:
+        print(f"worker {worker}: CUDA error ({exc}); its trial is queued again and a new worker "
+              "process takes over", file=sys.stderr)
+        sys.exit(RESTART_EXIT)
     except UserError as exc:
         print(f"worker {worker}: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -392,18 +502,24 @@ def run(settings: RunSettings) -> int:
 
     # One worker runs in this process, on its device; K workers each open their own, and this
     # process only decodes the images for them (on the CPU) and polls the study.
+    check_goal(settings.sampler, settings.pruner, settings.objectives)
     opened = open_study(settings, settings.devices[0] if settings.workers == 1 else "cpu")
     space, study, grid = opened.space, opened.study, opened.grid
     data = opened.images.get(base_image_size(space))
-    target = min(settings.trials, grid) if grid else settings.trials
+    target = min(settings.trials or grid, grid) if grid else settings.trials
     where = mask_password(settings.storage)
     print(f"study {settings.study!r} in {where}: space {space.name}, sampler {settings.sampler}, "
           f"pruner {settings.pruner}, {len(data.train_y)} train / {len(data.val_y)} val images "
           f"of {len(data.classes)} classes ({', '.join(data.classes[:5])})")
+    used = StudyInfo.from_study(study).samplers_used
+    if len(set(used)) > 1:  # a resume switched samplers: say so, and what ran before
+        print(f"sampler: this run uses {settings.sampler}; the study has used {' -> '.join(used)} "
+              f"(recorded in its {StudyKey.SAMPLERS_USED!r} attribute)")
     if grid:
         print(f"grid: {grid:,} points; this run stops after {target:,} of them"
               + (" (the whole grid)" if target == grid else f" (--trials {settings.trials})"))
-    progress = Progress(study, target, enabled=settings.progress)
+    budget_s = _announce_budget(study, settings)
+    progress = Progress(study, target, enabled=settings.progress, budget_s=budget_s)
     deadline = time.time() + settings.timeout if settings.timeout else None
     # One worker runs here: signals wait for safe points. The parent of K workers only polls.
     previous = interrupts.install(allowed=settings.workers > 1)
@@ -412,10 +528,13 @@ def run(settings: RunSettings) -> int:
             work(settings, settings.devices[0], deadline, on_trial_end=progress.poll, opened=opened)
         else:
             _run_workers(settings, deadline, progress)
+    except WorkerRestart as exc:  # one in-process worker: its CUDA context is gone with it
+        raise UserError(f"CUDA error ({exc}); the trial is queued again: rerun the same command "
+                        "to resume in a fresh process") from None
     except (KeyboardInterrupt, interrupts.Terminated):
         progress.close()
         finished, _, _ = count(study)
-        print(f"interrupted at {finished}/{target} finished trials; the running trial was closed and "
+        print(f"interrupted at {finished}/{target or '-'} finished trials; the running trial was closed and "
               f"will run first on resume. Resume with the same command.", file=sys.stderr)
         return 130
     finally:
@@ -429,12 +548,22 @@ def _run_workers(settings: RunSettings, deadline: float | None, progress: Any) -
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(settings, i, settings.devices[i], deadline), daemon=False)
-             for i in range(settings.workers)]
-    for p in procs:
+
+    def start(i: int) -> Any:
+        p = ctx.Process(target=_worker_main, args=(settings, i, settings.devices[i], deadline), daemon=False)
         p.start()
+        return p
+
+    procs = [start(i) for i in range(settings.workers)]
+    restarts = [0] * settings.workers
     try:
-        while any(p.is_alive() for p in procs):
+        while True:
+            for i, p in enumerate(procs):  # a worker whose CUDA context broke: a fresh process
+                if p.exitcode == RESTART_EXIT and restarts[i] < _MAX_RESTARTS:
+                    restarts[i] += 1
+                    procs[i] = start(i)
+            if not any(p.is_alive() for p in procs):
+                break
             progress.poll()
             time.sleep(_POLL_S)
     except BaseException:
@@ -450,14 +579,57 @@ def _run_workers(settings: RunSettings, deadline: float | None, progress: Any) -
                         f"rerun the same command to resume")
 
 
-def _summary(study: optuna.Study, target: int) -> int:
+def _announce_budget(study: optuna.Study, settings: RunSettings) -> float | None:
+    """Store --budget on the study (or read the stored one) and say what is left."""
+    from catdog_hpo.search.budget import format_duration, resolve_budget, spent_seconds
+
+    budget_s = resolve_budget(study, settings.time_budget)
+    if budget_s is not None:
+        spent = spent_seconds(study)
+        print(f"budget: {format_duration(budget_s)} of wall time for the study, {format_duration(spent)} spent, "
+              f"{format_duration(max(0.0, budget_s - spent))} left; "
+              + ("as many trials as fit" if settings.trials is None else f"at most {settings.trials} trials"))
+    return budget_s
+
+
+def _summary(study: optuna.Study, target: int | None) -> int:
     finished, _, _ = count(study)
     completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not completed:
         print(f"done: {finished} finished trials, none completed", file=sys.stderr)
         return 1
+    if len(study.directions) > 1:
+        from catdog_hpo.search.pareto import front_trials
+
+        front = front_trials(study)
+        names = study.metric_names or [f"value {i}" for i in range(len(study.directions))]
+        print(f"done: {finished}/{target} finished trials; Pareto front: {len(front)} trials "
+              f"({', '.join(names)}): " + "; ".join(
+                  f"#{t.number} " + " ".join(f"{v:.4g}" for v in t.values) for t in front[:5]))
+        print(f"next: catdog-hpo report --study {study.study_name}   "
+              f"catdog-hpo export --study {study.study_name} --pareto [--max-params N]")
+        return 0
+    from catdog_hpo.search.progress import study_pace
+
     best = max(completed, key=lambda t: t.value if t.value is not None else -math.inf)
-    print(f"done: {finished}/{target} finished trials; best: trial {best.number}, "
-          f"val accuracy {best.value:.4f}")
+    print(f"done: {finished}/{target or finished} finished trials; best: trial {best.number}, "
+          f"val accuracy {best.value:.4f}{over_baseline(study, best.value)}")
+    print(study_pace(study))
     print(f"next: catdog-hpo export --study {study.study_name}")
     return 0
+
+
+def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The study's baseline trial (the space's known-good config, trial 0 unless --no-baseline)."""
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get(TrialKey.BASELINE):
+            return t
+    return None
+
+
+def over_baseline(study: optuna.Study, value: float | None) -> str:
+    """ " (+4.5 points over the baseline's 0.8100, trial 0)", or "" without a completed baseline."""
+    base = baseline_trial(study)
+    if value is None or base is None or base.state != TrialState.COMPLETE or base.value is None:
+        return ""
+    return f" ({100 * (value - base.value):+.1f} points over the baseline's {base.value:.4f}, trial {base.number})"

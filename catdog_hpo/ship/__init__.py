@@ -1,1 +1,1 @@
-
+"""Shipping a result: the trial file, train/retrain, checkpoints, model formats, predict."""

@@ -8,7 +8,6 @@ runs code from the file.
 from __future__ import annotations
 
 import dataclasses
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from catdog_hpo import __version__
 from catdog_hpo.config import TrialConfig, from_dict, to_dict
 from catdog_hpo.engine.augment import MEAN, STD
 from catdog_hpo.errors import ConfigError, UserError
+from catdog_hpo.files import atomic_write
 from catdog_hpo.engine.models import build_model
 
 FORMAT = "catdog-hpo-checkpoint"
@@ -51,7 +51,7 @@ def _plain(value: Any, where: str) -> Any:
 
 def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], cfg: TrialConfig,
                     classes: Sequence[str], metrics: dict[str, Any]) -> None:
-    """Write the checkpoint atomically (a temp file in the same folder, then os.replace)."""
+    """Write the checkpoint atomically (``files.atomic_write``: no half-written file)."""
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -64,14 +64,7 @@ def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], cfg: Trial
         "metrics": _plain(metrics, "metrics"),
         "catdog_hpo_version": __version__,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

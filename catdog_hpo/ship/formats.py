@@ -1,4 +1,5 @@
-"""Deployable copies of a trained model: TorchScript (model.ts) and ONNX (model.onnx).
+"""Deployable copies of a trained model: TorchScript (model.ts), ONNX (model.onnx) and a
+``torch.export`` program (model.pt2, see catdog_hpo.ship.pt2).
 
 Both take what the network takes: float32 N x 3 x S x S, RGB, normalised as (x/255 - mean)/std,
 with a dynamic batch axis, and give N x C logits. Each file carries what ``predict`` needs to
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from torch import nn
 from catdog_hpo import __version__
 from catdog_hpo.ship.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT_VERSION
 from catdog_hpo.errors import UserError
+from catdog_hpo.files import atomic_write
 
 META_KEY = "catdog_hpo"  # ONNX metadata_props key / TorchScript extra file stem
 TS_META_FILE = f"{META_KEY}.json"
@@ -107,17 +108,6 @@ def cpu_copy(model: nn.Module) -> nn.Module:
     return m.to(memory_format=torch.contiguous_format).eval()
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same folder, then rename: no half-written model file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # --------------------------------------------------------------------------- TorchScript
 
 
@@ -129,7 +119,8 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, meta
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=Warning)
         with torch.no_grad():
             traced = torch.jit.trace(model, example.cpu().float())
-        _atomic(path, lambda tmp: traced.save(str(tmp), _extra_files={TS_META_FILE: meta.to_json()}))
+        atomic_write(path, lambda tmp: traced.save(str(tmp), _extra_files={TS_META_FILE: meta.to_json()}),
+                     keep_suffix=True)
 
 
 def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, ModelMeta]:
@@ -182,11 +173,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: Model
         onnx.save(proto, str(tmp))
 
     try:
-        _atomic(path, lambda tmp: write(tmp, dynamo))
+        atomic_write(path, lambda tmp: write(tmp, dynamo), keep_suffix=True)
         return "torch.export-based exporter"
     except Exception as first:  # the new exporter refuses some graphs; try the old one before giving up
         try:
-            _atomic(path, lambda tmp: write(tmp, legacy))
+            atomic_write(path, lambda tmp: write(tmp, legacy), keep_suffix=True)
         except Exception:
             raise first from None
         return f"legacy exporter (torch.export-based one failed: {_first_line(first)[:120]})"
@@ -197,7 +188,8 @@ def onnx_session(path: Path) -> tuple[Any, ModelMeta]:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise UserError(f"{path}: reading ONNX needs onnxruntime (pip install 'catdog-hpo[export]')") from None
+        raise UserError(f"{path}: reading ONNX needs onnxruntime, a dependency of catdog-hpo: "
+                        "reinstall it (pip install -e .)") from None
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
@@ -237,7 +229,7 @@ def _export_one(fmt: str, path: Path, export: Callable[[], str | None],
         note = export() or ""
     except ImportError as exc:
         return ExportResult(fmt, path, False, None, f"{exc.name or exc} is not installed "
-                            "(pip install 'catdog-hpo[export]')")
+                            "(a dependency of catdog-hpo: reinstall it, pip install -e .)")
     except Exception as exc:  # any exporter failure is reported, never fatal
         return ExportResult(fmt, path, False, None, f"export failed: {type(exc).__name__}: {_first_line(exc)[:300]}")
     try:
@@ -254,7 +246,7 @@ def _export_one(fmt: str, path: Path, export: Callable[[], str | None],
 def export_all(model: nn.Module, batch: torch.Tensor, out_dir: Path, meta: ModelMeta,
                formats: Sequence[str] = ("torchscript", "onnx"),
                tolerance: float = PARITY_TOLERANCE) -> list[ExportResult]:
-    """Write ``out_dir/model.ts`` and ``out_dir/model.onnx`` and check each on ``batch``
+    """Write ``out_dir/model.ts``, ``model.onnx`` and ``model.pt2`` (``formats``) and check each on ``batch``
     (float32 normalised images, at least 2). One result per format; nothing raises."""
     batch = batch.cpu().float()
     if batch.shape[0] < 2:
@@ -269,6 +261,12 @@ def export_all(model: nn.Module, batch: torch.Tensor, out_dir: Path, meta: Model
             path = Path(out_dir) / "model.onnx"
             results.append(_export_one(fmt, path, lambda: export_onnx(model, batch, path, meta),
                                        lambda: check_onnx(path, model, batch), tolerance))
+        elif fmt == "pt2":  # torch.export program (catdog_hpo.ship.pt2): TorchScript's successor
+            from catdog_hpo.ship.pt2 import check_pt2, export_pt2
+
+            path = Path(out_dir) / "model.pt2"
+            results.append(_export_one(fmt, path, lambda: export_pt2(model, batch, path, meta),
+                                       lambda: check_pt2(path, model, batch), tolerance))
         else:
             raise AssertionError(f"unknown export format {fmt!r}")
     return results

@@ -10,13 +10,14 @@ set chose it); on ``train+val`` there is no held-out set, so the final epoch's w
 and the val accuracy is a training-set number (metrics.json and the printout say so). Of K seeds
 the one with the highest val accuracy is kept.
 
-No Optuna here: an export file is read as plain YAML/JSON.
+The pieces live next to their kin: the export file's reader in ``ship.trialfile`` (beside its
+writer), the test folder in ``data.testset``, evaluation in ``ship.predict`` (predict's own
+batching and normalisation), metrics.json and the printed lines in ``ship.retrain_report``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +26,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from catdog_hpo.config import TrialConfig, load_trial_config, read_mapping, to_dict, write_mapping
+from catdog_hpo.config import TrialConfig, load_trial_config, read_mapping, with_train_overrides, write_mapping
 from catdog_hpo.data import DataSource, ImageSet, load_images
-from catdog_hpo.errors import ConfigError, UserError
+from catdog_hpo.data.testset import load_test_set
+from catdog_hpo.errors import UserError
 from catdog_hpo.ship.formats import ExportResult, ModelMeta, export_all
-from catdog_hpo.engine.metrics import classification_report, mean_std
+from catdog_hpo.ship.predict import evaluate
+from catdog_hpo.ship.retrain_report import checkpoint_metrics, metrics_document, plural, seed_line, summary_lines
+from catdog_hpo.ship.choices import TRAIN_ON  # the --train-on choices
+from catdog_hpo.ship.trialfile import ExportInfo, read_export_info
 
-TRAIN_ON = ("train", "train+val")
 CHECK_BATCH = 8  # val images the exports are checked on
-FORMATS = ("torchscript", "onnx")
-_ROW = "{:>5}  {:>10}  {:>8}  {:>7}  {:>7}  {:>9}"
-_HEAD = _ROW.format("epoch", "train loss", "val loss", "val acc", "seconds", "lr")
+FORMATS = ("torchscript", "onnx", "pt2")  # ship.formats.export_all's formats
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class RetrainSettings:
     config: Path  # a TrialConfig file or an export file
     data: DataSource | None = None  # None: the source recorded in the export file
     epochs: int | None = None  # None: the config's train.epochs
+    weights: str | None = None  # --weights FILE: replaces the config's model.weights_file
     seed: int | None = None  # first seed; None: the config's train.seed
     seeds: int = 1  # K runs with seeds seed, seed+1, ...
     train_on: str = "train"  # "train" | "train+val"
@@ -52,19 +55,7 @@ class RetrainSettings:
     studies_dir: Path = Path("studies")
     formats: tuple[str, ...] = FORMATS  # () skips the TorchScript/ONNX exports
     progress: bool = False
-
-
-@dataclass(frozen=True)
-class ExportInfo:
-    """What an export file records besides the config (all None for a plain config file)."""
-
-    source: DataSource | None = None
-    fingerprint: str | None = None
-    fingerprint_image_size: int | None = None
-    study: str | None = None
-    trial: int | None = None
-    value: float | None = None  # the val accuracy the study recorded for the trial
-    device: str | None = None  # where the trial trained
+    deterministic: bool = False  # --deterministic (engine.runtime.configure_process)
 
 
 @dataclass
@@ -105,55 +96,6 @@ class RetrainResult:
 # --------------------------------------------------------------------------- inputs
 
 
-def read_export_info(path: Path) -> ExportInfo:
-    """The data source, fingerprint and trial an export file records; empty for a plain config."""
-    doc = read_mapping(path)
-    data = doc.get("data")
-    if not isinstance(data, dict):
-        return ExportInfo()
-    raw = data.get("source")
-    source = None
-    if raw is not None:
-        names = {f.name for f in dataclasses.fields(DataSource)}
-        if not isinstance(raw, dict) or set(raw) - names:
-            raise ConfigError(f"{path}: data.source: expected a mapping of {', '.join(sorted(names))}")
-        source = DataSource(**raw)
-    trial = doc.get("trial") if isinstance(doc.get("trial"), dict) else {}
-    metrics = doc.get("metrics") if isinstance(doc.get("metrics"), dict) else {}
-    return ExportInfo(source=source, fingerprint=data.get("fingerprint"),
-                      fingerprint_image_size=data.get("fingerprint_image_size"),
-                      study=doc.get("study"), trial=trial.get("number"), value=metrics.get("value"),
-                      device=metrics.get("device"))
-
-
-def load_test_set(folder: Path, classes: tuple[str, ...], image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """uint8 N x 3 x S x S images and labels from ``folder``/<class>/*, decoded as training
-    decodes; the class folders must be the model's classes. Returns the skipped files too."""
-    import numpy as np
-
-    from catdog_hpo.data.decode import decode_files
-    from catdog_hpo.data.folder import scan
-
-    try:
-        found, entries, is_split = scan(Path(folder))
-    except UserError as exc:
-        raise UserError(f"--test {folder}: {exc}") from None
-    if is_split:
-        raise UserError(f"--test {folder}: expected {folder}/<class>/<images>, found train/ and val/ folders")
-    if sorted(found) != sorted(classes):
-        raise UserError(f"--test {folder}: its classes ({', '.join(sorted(found))}) do not match the model's "
-                        f"({', '.join(sorted(classes))})")
-    to_model = [list(classes).index(name) for name in found]  # folder label -> the model's class index
-    pixels, reasons = decode_files([Path(folder) / e.rel for e in entries], image_size)
-    good = [i for i, r in enumerate(reasons) if r is None]
-    skipped = [f"{entries[i].rel} ({r})" for i, r in enumerate(reasons) if r is not None]
-    if not good:
-        raise UserError(f"--test {folder}: none of its {len(entries)} images could be decoded")
-    x = torch.from_numpy(np.ascontiguousarray(pixels[good].transpose(0, 3, 1, 2)))
-    y = torch.tensor([to_model[entries[i].label] for i in good], dtype=torch.int64)
-    return x, y, skipped
-
-
 def _with_train_on(data: ImageSet, train_on: str) -> ImageSet:
     if train_on == "train":
         return data
@@ -179,36 +121,22 @@ def _meta(cfg: TrialConfig, classes: tuple[str, ...]) -> ModelMeta:
     return ModelMeta(classes=tuple(classes), image_size=cfg.image_size, mean=tuple(MEAN), std=tuple(STD))
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, meta: ModelMeta,
-             device: torch.device) -> dict[str, Any]:
-    """classification_report of ``model`` (float32, eval mode) on uint8 images ``x``."""
-    from catdog_hpo.ship.predict import batched_logits
-
-    model = model.to(device).eval()
-
-    def forward(batch: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(batch).float().cpu()
-
-    preds = batched_logits(forward, x, meta, device).argmax(1)
-    return classification_report(preds, y.cpu(), meta.classes)
-
-
 def train_seed(cfg: TrialConfig, data: ImageSet, device: torch.device, train_on: str,
-               log: Callable[[str], None], progress: bool) -> SeedRun:
-    """One fit; keeps the best epoch (train) or the final one (train+val)."""
+               log: Callable[[str], None], progress: bool, feature_cache: Path | None = None) -> SeedRun:
+    """One fit; keeps the best epoch (train) or the final one (train+val). ``feature_cache``: as
+    the study, a frozen-backbone config trains its head on cached features (train only)."""
+    from catdog_hpo.engine import epoch_table
     from catdog_hpo.engine.train import EpochStats, fit
 
     def row(s: EpochStats) -> None:
-        log(_ROW.format(s.epoch, f"{s.train_loss:.4f}", f"{s.val_loss:.4f}", f"{s.val_acc:.4f}",
-                        f"{s.seconds:.1f}", f"{s.lr:.3g}"))
+        log(epoch_table.row(s))
 
     started = time.perf_counter()
-    log(_HEAD)
+    log(epoch_table.HEAD)
     if train_on == "train":
         # Exactly what a trial runs: fit builds the model after seeding, so the same seed on the
         # CPU gives the trial's history bit for bit.
-        result = fit(cfg, data, device, on_epoch_end=row, progress=progress)
+        result = fit(cfg, data, device, on_epoch_end=row, progress=progress, feature_cache=feature_cache)
         state, kept = result.best_state, result.best_epoch
     else:
         torch.manual_seed(cfg.train.seed)  # weight init, as fit seeds it
@@ -235,12 +163,10 @@ def _built_model(cfg: TrialConfig, num_classes: int) -> nn.Module:
 def _configs(settings: RetrainSettings) -> tuple[TrialConfig, TrialConfig]:
     """(the file's config, the one to train: with --epochs/--seed applied)."""
     file_cfg = load_trial_config(settings.config)
-    train_over: dict[str, Any] = {}
-    if settings.epochs is not None:
-        train_over["epochs"] = settings.epochs
-    if settings.seed is not None:
-        train_over["seed"] = settings.seed
-    return file_cfg, dataclasses.replace(file_cfg, train=dataclasses.replace(file_cfg.train, **train_over))
+    cfg = with_train_overrides(file_cfg, epochs=settings.epochs, seed=settings.seed)
+    if settings.weights is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights_file=settings.weights))
+    return file_cfg, cfg
 
 
 def _train_seeds(settings: RetrainSettings, cfg: TrialConfig, data: ImageSet, test: tuple | None,
@@ -255,14 +181,15 @@ def _train_seeds(settings: RetrainSettings, cfg: TrialConfig, data: ImageSet, te
     for k in range(settings.seeds):
         seed_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + k))
         log(f"seed {seed_cfg.train.seed}:")
-        run = train_seed(seed_cfg, train_data, device, settings.train_on, log, settings.progress)
+        run = train_seed(seed_cfg, train_data, device, settings.train_on, log, settings.progress,
+                         feature_cache=settings.studies_dir / "cache")
         if run.ok:
             model = bare_model(seed_cfg, len(data.classes))
             model.load_state_dict(run.state)
-            run.val = evaluate(model, data.val_x, data.val_y, meta, device)
+            run.val = evaluate(model, train_data.val_x, train_data.val_y, meta, device)  # the device copy
             if test is not None:
                 run.test = evaluate(model, test[0], test[1], meta, device)
-        log(_seed_line(run, settings.train_on))
+        log(seed_line(run, settings.train_on))
         runs.append(run)
     return runs
 
@@ -272,7 +199,7 @@ def _export_formats(settings: RetrainSettings, out: Path, checkpoint: Path, data
     """TorchScript and ONNX of the saved checkpoint, checked on val images; metrics.json updated."""
     from catdog_hpo.ship.checkpoint import load_model
 
-    for stale in ("model.ts", "model.onnx"):
+    for stale in ("model.ts", "model.onnx", "model.pt2"):
         (out / stale).unlink(missing_ok=True)  # never leave an export of an older model beside this one
     if not settings.formats:
         return []
@@ -307,22 +234,33 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> Re
                         "pass --data DIR or --dataset NAME")
     out = settings.out if settings.out is not None else settings.studies_dir / "models" / settings.config.stem
     device = resolve_device(settings.device)
+    from catdog_hpo.engine.runtime import configure_process
+
+    configure_process(str(device), deterministic=settings.deterministic)  # TF32, determinism
 
     data = load_images(source, cfg.image_size, settings.studies_dir / "cache")
     same_data = _same_data(info, data, cfg)
     test = load_test_set(settings.test_dir, data.classes, cfg.image_size) if settings.test_dir else None
+    test_name = str(settings.test_dir)
+    if test is None and source.name is not None:
+        # A built-in dataset's official test split: the search never saw it (its val is carved
+        # from the training split); scored once here, reported beside val.
+        from catdog_hpo.data.builtin import official_test_split
+
+        test = official_test_split(source, cfg.image_size)
+        test_name = f"the official test split of {source.name}"
     cost = model_cost(cfg.model, len(data.classes), cfg.image_size)
     log(f"data: {source.describe()}: {len(data.train_y)} train / {len(data.val_y)} val images, "
         f"classes {', '.join(data.classes)}, {cfg.image_size} px"
-        + (f"; test: {settings.test_dir}: {len(test[1])} images" if test else ""))
+        + (f"; test: {test_name}: {len(test[1])} images" if test else ""))
     if same_data is False:
         log(f"note: the data differ from the study's (fingerprint {data.fingerprint[:12]} vs "
             f"{str(info.fingerprint)[:12]}): files, split or size changed since the search")
     if test is not None and test[2]:
         log(f"note: --test: skipped {len(test[2])} files that could not be decoded: {', '.join(test[2][:5])}")
     log(f"model: {cfg.model.family}, {cost.params:,} parameters, {cost.flops / 1e6:,.1f} MFLOPs/image; "
-        f"device: {device}; training on {settings.train_on} for {_n(cfg.train.epochs, 'epoch')}, "
-        f"{_n(settings.seeds, 'seed')}")
+        f"device: {device}; training on {settings.train_on} for {plural(cfg.train.epochs, 'epoch')}, "
+        f"{plural(settings.seeds, 'seed')}")
 
     runs = _train_seeds(settings, cfg, data, test, device, log)
     good = [r for r in runs if r.ok]
@@ -331,26 +269,74 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> Re
                         f"(lower the learning rate, or check the data)")
     kept = max(good, key=lambda r: (r.val["accuracy"], -r.seed))  # ties: the first seed
     kept_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=kept.seed))
-    metrics = _metrics(settings, file_cfg, kept_cfg, source, data, same_data, info, runs, kept, cost, device)
+    metrics = metrics_document(settings, file_cfg, kept_cfg, source, data, same_data, info, runs, kept, cost, device)
 
     checkpoint = out / "model.pt"
     try:
-        save_checkpoint(checkpoint, kept.state, kept_cfg, data.classes, _checkpoint_metrics(metrics))
+        save_checkpoint(checkpoint, kept.state, kept_cfg, data.classes, checkpoint_metrics(metrics))
         (out / "curves.svg").write_text(
             curves_svg(kept.history, title=f"{settings.config.stem}: seed {kept.seed}, trained on {settings.train_on}"),
             encoding="utf-8")
         write_mapping(out / "metrics.json", metrics)  # written now: the exports below may fail
     except OSError as exc:
         raise UserError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
-    for line in _summary_lines(metrics):
+    for line in summary_lines(metrics):
         log(line)
     log(f"saved {checkpoint}, {out / 'metrics.json'}, {out / 'curves.svg'}")
     exports = _export_formats(settings, out, checkpoint, data, _meta(cfg, data.classes), metrics, log)
+    _model_card(settings, out, kept, kept_cfg, data.classes, metrics, log)
     return RetrainResult(out=out, checkpoint=checkpoint, metrics=metrics, exports=exports)
 
 
+def _model_card(settings: RetrainSettings, out: Path, kept: SeedRun, cfg: TrialConfig, classes: tuple[str, ...],
+                metrics: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Time the kept model, add its latency and input normalisation to metrics.json, and write
+    MODEL_CARD.md from metrics.json and the export file's search record (ship.model_card)."""
+    from catdog_hpo.engine.augment import MEAN, STD
+    from catdog_hpo.engine.latency import measure_model
+    from catdog_hpo.ship.model_card import write_model_card
+
+    doc = read_mapping(settings.config)
+    search = doc.get("search") if isinstance(doc.get("search"), dict) else {}
+    # Timed where the study timed its trials (the CPU unless it chose --latency-device cuda).
+    where = torch.device("cuda" if search.get("latency_device") == "cuda" and torch.cuda.is_available() else "cpu")
+    model = bare_model(cfg, len(classes))
+    model.load_state_dict(kept.state)
+    metrics["latency"] = measure_model(model, cfg.image_size, where).to_dict()
+    metrics["normalisation"] = {"mean": list(MEAN), "std": list(STD),
+                                "note": "uint8 pixels / 255, then (x - mean) / std per RGB channel"}
+    try:
+        write_mapping(out / "metrics.json", metrics)
+        path = write_model_card(out, doc, metrics, _retrain_command(settings))
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    log(f"latency {metrics['latency']['ms']} ms ({metrics['latency']['method']}); model card: {path}")
+
+
+def _retrain_command(settings: RetrainSettings) -> str:
+    """The retrain command these settings came from, as a user would type it."""
+    import shlex
+
+    args = ["catdog-hpo", "retrain", "--config", str(settings.config)]
+    if settings.data is not None:
+        src = settings.data
+        args += ["--data", str(src.path)] if src.path is not None else ["--dataset", str(src.name)]
+        args += ["--val-fraction", str(src.val_fraction), "--split-seed", str(src.split_seed)]
+    for flag, value in (("--epochs", settings.epochs), ("--seed", settings.seed), ("--test", settings.test_dir),
+                        ("--out", settings.out)):
+        if value is not None:
+            args += [flag, str(value)]
+    if settings.seeds != 1:
+        args += ["--seeds", str(settings.seeds)]
+    if settings.train_on != "train":
+        args += ["--train-on", settings.train_on]
+    if settings.device != "auto":
+        args += ["--device", settings.device]
+    return shlex.join(args)
+
+
 def _check_batch(data: ImageSet, meta: ModelMeta) -> torch.Tensor:
-    from catdog_hpo.ship.predict import normalize
+    from catdog_hpo.engine.augment import normalize
 
     x = data.val_x[:CHECK_BATCH].cpu()
     return normalize(x, meta.mean, meta.std)
@@ -361,120 +347,3 @@ def _same_data(info: ExportInfo, data: ImageSet, cfg: TrialConfig) -> bool | Non
     if info.fingerprint is None or info.fingerprint_image_size != cfg.image_size:
         return None  # the fingerprint covers the image size: at another size it always differs
     return data.fingerprint == info.fingerprint
-
-
-# --------------------------------------------------------------------------- reporting
-
-
-def _seed_line(run: SeedRun, train_on: str) -> str:
-    if not run.ok:
-        return f"seed {run.seed}: no model ({run.reason or run.status})"
-    which = f"kept epoch {run.kept_epoch} of {len(run.history)}, " + ("the best by val acc" if train_on == "train" else "the final one")
-    text = f"seed {run.seed}: val acc {run.val['accuracy']:.4f}{'' if train_on == 'train' else ' (not held out)'}"
-    if run.test is not None:
-        text += f", test acc {run.test['accuracy']:.4f}"
-    stopped = f"; stopped early: {run.reason}" if run.status != "completed" else ""
-    return f"{text} ({which}){stopped}"
-
-
-def _acc_summary(values: list[float]) -> dict[str, Any]:
-    mean, std = mean_std(values)
-    return {"mean": mean, "std": std, "n": len(values), "values": values}
-
-
-def _reproduction(info: ExportInfo, settings: RetrainSettings, file_cfg: TrialConfig, cfg: TrialConfig,
-                  runs: list[SeedRun], same_data: bool | None, device: torch.device) -> dict[str, Any] | None:
-    """The trial's recorded val accuracy next to this run's, when both measure the same thing:
-    the file's config unchanged (epochs, first seed), trained on train, on the study's data."""
-    if info.value is None:
-        return None
-    first = runs[0]
-    final = first.history[-1]["val_acc"] if first.history else None
-    comparable = (settings.train_on == "train" and same_data is not False and first.seed == file_cfg.train.seed
-                  and cfg.train.epochs == file_cfg.train.epochs and first.status == "completed")
-    return {
-        "study": info.study, "trial": info.trial, "trial_val_acc": info.value,
-        "retrained_final_val_acc": final, "seed": first.seed,
-        "trial_device": info.device, "device": str(device),
-        "difference": None if final is None else final - info.value,
-        "comparable": comparable,
-        "note": ("the trial's value is its final epoch's val accuracy: compare it with this run's final epoch "
-                 "(same seed and data on the CPU give the same number; GPUs vary by run-to-run noise)")
-        if comparable else "not comparable: other data, seed or training set than the trial's",
-    }
-
-
-def _metrics(settings: RetrainSettings, file_cfg: TrialConfig, cfg: TrialConfig, source: DataSource, data: ImageSet,
-             same_data: bool | None, info: ExportInfo, runs: list[SeedRun], kept: SeedRun,
-             cost: Any, device: torch.device) -> dict[str, Any]:
-    good = [r for r in runs if r.ok]
-    held_out = settings.train_on == "train"
-    val_accs = [r.val["accuracy"] for r in good]
-    test_accs = [r.test["accuracy"] for r in good if r.test is not None]
-    from catdog_hpo.ship.trialfile import package_versions  # plain importlib.metadata; optuna is not imported by it
-
-    return {
-        "config_file": str(settings.config),
-        "train_on": settings.train_on,
-        "val_held_out": held_out,
-        "val_note": None if held_out else
-        "trained on train+val: the val accuracy is measured on training images, not a held-out estimate",
-        "kept": "the best epoch by val accuracy" if held_out else "the final epoch (no held-out set to choose by)",
-        "data": {"source": dataclasses.asdict(source), "description": source.describe(),
-                 "fingerprint": data.fingerprint, "same_as_study": same_data,
-                 "n_train": int(len(data.train_y)) + (0 if held_out else int(len(data.val_y))),
-                 "n_val": int(len(data.val_y)), "classes": list(data.classes),
-                 "test_dir": str(settings.test_dir) if settings.test_dir else None},
-        "epochs": cfg.train.epochs,
-        "device": str(device),
-        "n_params": cost.params,
-        "flops": cost.flops,
-        "seeds": [r.summary() for r in runs],
-        "kept_seed": kept.seed,
-        "val_acc": _acc_summary(val_accs),
-        "test_acc": _acc_summary(test_accs) if test_accs else None,
-        "val": kept.val,
-        "test": kept.test,
-        "history": kept.history,
-        "reproduction": _reproduction(info, settings, file_cfg, cfg, runs, same_data, device),
-        "config": to_dict(cfg),
-        "versions": package_versions(),
-    }
-
-
-def _checkpoint_metrics(m: dict[str, Any]) -> dict[str, Any]:
-    """What the checkpoint carries: the headline numbers and the curves (metrics.json has the rest)."""
-    return {k: m[k] for k in ("train_on", "val_held_out", "kept_seed", "val_acc", "test_acc", "val", "test",
-                              "history", "epochs", "n_params", "flops", "data")}
-
-
-def _pm(summary: dict[str, Any]) -> str:
-    std = summary["std"]
-    if summary["n"] < 2:
-        return f"{summary['mean']:.4f}"
-    return f"{summary['mean']:.4f} ± {std:.4f} (mean ± std over {summary['n']} seeds)"
-
-
-def _summary_lines(m: dict[str, Any]) -> list[str]:
-    lines = [f"val accuracy: {_pm(m['val_acc'])}"
-             + ("" if m["val_held_out"] else "  [NOT held out: trained on train+val]")]
-    if m["test_acc"] is not None:
-        lines.append(f"test accuracy: {_pm(m['test_acc'])}")
-    kept = m["val"]
-    per = ", ".join(f"{c} P {_f(v['precision'])} R {_f(v['recall'])}" for c, v in kept["per_class"].items())
-    lines.append(f"kept seed {m['kept_seed']}: val per class: {per}")
-    rep = m["reproduction"]
-    if rep is not None and rep["comparable"] and rep["retrained_final_val_acc"] is not None:
-        diff = rep["difference"]
-        verdict = "identical" if diff == 0 else f"differs by {diff:+.4f}"
-        lines.append(f"trial {rep['trial']} of study {rep['study']!r} recorded val accuracy {rep['trial_val_acc']:.4f}; "
-                     f"this run's final epoch (seed {rep['seed']}): {rep['retrained_final_val_acc']:.4f} ({verdict})")
-    return lines
-
-
-def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def _f(v: float | None) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"

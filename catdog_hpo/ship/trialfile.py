@@ -1,4 +1,5 @@
-"""`catdog-hpo export`: the best (or a chosen) trial of a study -> one YAML/JSON file.
+"""The trial file: `catdog-hpo export` writes the best (or a chosen) trial of a study to one
+YAML/JSON file, and ``read_export_info`` reads back what ``retrain`` needs besides the config.
 
 The trial's parameters are replayed through the study's own search space
 (``spaces.resolve(load_space(space), FixedTrial(params), overrides)``), and the replayed config
@@ -9,6 +10,7 @@ TrialConfig, so ``config.load_trial_config`` (``train``, ``retrain``) reads the 
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import re
 import shlex
@@ -21,9 +23,13 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from catdog_hpo.config import FORMAT_VERSION, TrialConfig, to_dict, write_mapping
+from catdog_hpo.config import FORMAT_VERSION, TrialConfig, read_mapping, to_dict, write_mapping
+from catdog_hpo.data import DataSource
 from catdog_hpo.errors import ConfigError, UserError
-from catdog_hpo.search.spaces import base_image_size, load_space, resolve
+from catdog_hpo.search import optuna_compat
+from catdog_hpo.search.record import StudyInfo, StudyKey, TrialKey, TrialRecord
+from catdog_hpo.search.space_files import base_image_size, load_space
+from catdog_hpo.search.spaces import resolve
 
 EXPORT_KIND = "catdog-hpo-export"
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -38,6 +44,9 @@ class ExportSettings:
     trial: int | None = None  # trial number; None = the best completed trial
     out: Path | None = None  # None = <studies_dir>/exports/<study>-trial<N>.yaml
     studies_dir: Path = Path("studies")
+    pareto: bool = False  # pick from the Pareto front (search.pareto.pick_front_point)
+    max_params: int | None = None  # ... the most accurate trial with at most this many parameters
+    max_latency: float | None = None  # ... and/or at most this latency, ms
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class Exported:
     trial: FrozenTrial
     config: TrialConfig
     command: str  # the retrain command that reproduces the trial
+    rule: str = ""  # how the trial was chosen, in words
 
 
 # --------------------------------------------------------------------------- picking the trial
@@ -68,7 +78,7 @@ def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
         raise UserError(f"--trial {number}: study {study.study_name!r} has no trial {number} (trials: {have})")
     trial = by_number[number]
     if trial.state != TrialState.COMPLETE:
-        why = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("rejected") or ""
+        why = TrialRecord.from_trial(trial).why
         state = "failed" if trial.state == TrialState.FAIL else trial.state.name.lower()
         raise UserError(f"--trial {number}: the trial is {state}, not complete"
                         + (f" ({why})" if why else "") + "; only completed trials can be exported")
@@ -91,18 +101,19 @@ def replay_config(study: optuna.Study, trial: FrozenTrial) -> TrialConfig:
 
     UserError (one line) when the space cannot be loaded, the parameters no longer fit it, or
     the replayed config differs from the config the trial recorded (the space changed)."""
-    attrs = study.user_attrs
+    info = StudyInfo.from_study(study)
     where = f"trial {trial.number} of study {study.study_name!r}"
-    if "space" not in attrs:
-        raise UserError(f"study {study.study_name!r} has no 'space' attribute: it was not made by catdog-hpo run")
-    recorded = trial.user_attrs.get("config")
-    if not isinstance(recorded, dict):
-        raise UserError(f"{where} has no recorded 'config' attribute to check the replay against")
+    if info.space is None:
+        raise UserError(f"study {study.study_name!r} has no {StudyKey.SPACE!r} attribute: "
+                        f"it was not made by catdog-hpo run")
+    recorded = TrialRecord.from_trial(trial).config
+    if recorded is None:
+        raise UserError(f"{where} has no recorded {TrialKey.CONFIG!r} attribute to check the replay against")
     try:
-        space = load_space(attrs["space"])
+        space = load_space(info.space)
     except UserError as exc:
-        raise UserError(f"{where}: cannot load its search space {attrs['space']!r}: {exc}") from None
-    overrides = attrs.get("overrides") or {}
+        raise UserError(f"{where}: cannot load its search space {info.space!r}: {exc}") from None
+    overrides = info.overrides or {}
     try:
         with warnings.catch_warnings():
             # FixedTrial warns when a value lies outside a (changed) range; the config check below decides.
@@ -163,8 +174,8 @@ def package_versions() -> dict[str, str]:
 
 def export_document(study: optuna.Study, trial: FrozenTrial, cfg: TrialConfig) -> dict[str, Any]:
     """The export file's content: plain data, YAML/JSON-ready."""
-    attrs, ua = study.user_attrs, trial.user_attrs
-    space_name = attrs.get("space")
+    info, rec = StudyInfo.from_study(study), TrialRecord.from_trial(trial)
+    space_name = info.space
     try:
         fingerprint_size = base_image_size(load_space(space_name))
     except UserError:
@@ -173,27 +184,30 @@ def export_document(study: optuna.Study, trial: FrozenTrial, cfg: TrialConfig) -
         "format_version": FORMAT_VERSION,
         "kind": EXPORT_KIND,
         "study": study.study_name,
-        "trial": {"number": trial.number, "id": trial._trial_id},  # _trial_id: the storage's key; no public accessor
-        "space": {"name": space_name, "fingerprint": attrs.get("space_fingerprint"),
-                  "overrides": attrs.get("overrides") or {}},
+        "trial": {"number": trial.number, "id": optuna_compat.trial_id(trial)},  # the storage's key
+        "space": {"name": space_name, "fingerprint": info.space_fingerprint,
+                  "overrides": info.overrides or {}},
+        # How the study ran: its samplers (a resume may switch) and the run --config file, if any.
+        "run": {"samplers_used": list(info.samplers_used) or ([info.sampler] if info.sampler else []),
+                "config_file": info.run_config},
         "params": dict(trial.params),
         "config": to_dict(cfg),
         "data": {
-            "source": attrs.get("data_source"),  # path or name, val_fraction, split_seed, root
-            "description": attrs.get("data"),
-            "fingerprint": attrs.get("data_fingerprint"),
+            "source": info.data_source,  # path or name, val_fraction, split_seed, root
+            "description": info.data,
+            "fingerprint": info.data_fingerprint,
             # The study fingerprints the data at the space's base image size; it changes with the size.
             "fingerprint_image_size": fingerprint_size,
         },
         "metrics": {
-            "value": trial.value,  # validation accuracy the study recorded (the final epoch's)
-            "best_epoch": ua.get("best_epoch"),
-            "epochs_run": ua.get("epochs_run"),
-            "sec_per_epoch": ua.get("sec_per_epoch"),
-            "n_params": ua.get("n_params"),
-            "flops": ua.get("flops"),
-            "device": ua.get("device"),
-            "history": ua.get("history"),
+            "value": trial.values[0],  # validation accuracy the study recorded (the final epoch's; accuracy is objective 0)
+            "best_epoch": rec.best_epoch,
+            "epochs_run": rec.epochs_run,
+            "sec_per_epoch": rec.sec_per_epoch,
+            "n_params": rec.n_params,
+            "flops": rec.flops,
+            "device": rec.device,
+            "history": rec.history,
         },
         "seed": cfg.train.seed,
         "versions": package_versions(),
@@ -217,11 +231,79 @@ def export_trial(settings: ExportSettings) -> Exported:
         raise UserError(f"--out {settings.out}: the file must end in {', '.join(SUFFIXES)} (YAML or JSON)")
     storage = open_storage(settings.storage, create=False)
     study = load_study(storage, settings.study, settings.storage)
-    trial = pick_trial(study, settings.trial)
+    trial, rule, front = _pick(study, settings)
     cfg = replay_config(study, trial)
     path = settings.out or default_path(settings.studies_dir, study.study_name, trial.number)
+    doc = export_document(study, trial, cfg)
+    from catdog_hpo.search.storage import mask_password
+    from catdog_hpo.ship.model_card import search_record
+
+    doc["search"] = search_record(study, trial, rule, front, _export_args(settings), mask_password(settings.storage))
     try:
-        write_mapping(path, export_document(study, trial, cfg))
+        write_mapping(path, doc)
     except OSError as exc:
         raise UserError(f"--out {path}: cannot write it ({exc.strerror or exc})") from None
-    return Exported(path=path, trial=trial, config=cfg, command=retrain_command(path))
+    return Exported(path=path, trial=trial, config=cfg, command=retrain_command(path), rule=rule)
+
+
+def _pick(study: optuna.Study, settings: ExportSettings) -> tuple[FrozenTrial, str, list[int]]:
+    """The trial to export, how it was chosen (in words) and the front's trial numbers."""
+    from catdog_hpo.search.pareto import front_trials, pick_front_point
+
+    multi = len(study.directions) > 1
+    if settings.trial is not None:
+        trial = pick_trial(study, settings.trial)
+        return trial, f"trial {trial.number}, chosen by number", [t.number for t in front_trials(study)] if multi else []
+    if multi or settings.pareto or settings.max_params is not None or settings.max_latency is not None:
+        pick = pick_front_point(study, settings.max_params, settings.max_latency)
+        return pick.trial, pick.rule, pick.front
+    return pick_trial(study, None), "the most accurate completed trial", []
+
+
+def _export_args(settings: ExportSettings) -> list[str]:
+    if settings.trial is not None:
+        return ["--trial", str(settings.trial)]
+    args = ["--pareto"] if settings.pareto else []
+    if settings.max_params is not None:
+        args += ["--max-params", str(settings.max_params)]
+    if settings.max_latency is not None:
+        args += ["--max-latency", f"{settings.max_latency:g}"]
+    return args
+
+
+# --------------------------------------------------------------------------- reading it back
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What an export file records besides the config (all None for a plain config file)."""
+
+    source: DataSource | None = None
+    fingerprint: str | None = None
+    fingerprint_image_size: int | None = None
+    study: str | None = None
+    trial: int | None = None
+    value: float | None = None  # the val accuracy the study recorded for the trial
+    device: str | None = None  # where the trial trained
+
+
+def read_export_info(path: Path) -> ExportInfo:
+    """The data source, fingerprint and trial an export file records; empty for a plain config.
+    (The config itself is read by ``config.load_trial_config``.)"""
+    doc = read_mapping(path)
+    data = doc.get("data")
+    if not isinstance(data, dict):
+        return ExportInfo()
+    raw = data.get("source")
+    source = None
+    if raw is not None:
+        names = {f.name for f in dataclasses.fields(DataSource)}
+        if not isinstance(raw, dict) or set(raw) - names:
+            raise ConfigError(f"{path}: data.source: expected a mapping of {', '.join(sorted(names))}")
+        source = DataSource(**raw)
+    trial = doc.get("trial") if isinstance(doc.get("trial"), dict) else {}
+    metrics = doc.get("metrics") if isinstance(doc.get("metrics"), dict) else {}
+    return ExportInfo(source=source, fingerprint=data.get("fingerprint"),
+                      fingerprint_image_size=data.get("fingerprint_image_size"),
+                      study=doc.get("study"), trial=trial.get("number"), value=metrics.get("value"),
+                      device=metrics.get("device"))

@@ -1,1 +1,1 @@
-
+"""Reading a study back: text tables, the HTML report, the dashboard."""

@@ -1,4 +1,4 @@
-"""Read a study back: tables for `studies`/`show`, a trials CSV, and one offline HTML report.
+"""Read a study back: a trials CSV and one offline HTML report (the text tables: ``view.tables``).
 
 The HTML report is a single file with plotly.js inlined once, so it opens with no network:
 optimization history, intermediate values coloured by trial state, parallel coordinates,
@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from catdog_hpo.errors import UserError
+from catdog_hpo.search.record import StudyInfo, TrialKey, TrialRecord
+from catdog_hpo.view.tables import (TOP_N, _fmt_count, _fmt_float, _fmt_value, format_params,
+                                    study_header, top_trials)
 
 if TYPE_CHECKING:
     import optuna
@@ -28,15 +31,12 @@ if TYPE_CHECKING:
     from optuna.storages import BaseStorage
     from optuna.trial import FrozenTrial
 
-# Trial states in the order tables show them (names of optuna.trial.TrialState).
-STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 STATE_COLORS = {"COMPLETE": "#1f77b4", "PRUNED": "#ff7f0e", "RUNNING": "#2ca02c", "FAIL": "#d62728"}
 # Fewer completed trials than this and importances are noise: the report shows a note instead.
 MIN_TRIALS_FOR_IMPORTANCE = 5
 # User attrs that get their own column, in this order, in the trials CSV.
-KEY_USER_ATTRS = ("n_params", "flops", "sec_per_epoch", "epochs_run", "best_epoch", "device",
-                  "fail_reason", "rejected")
-TOP_N = 10
+KEY_USER_ATTRS = (TrialKey.N_PARAMS, TrialKey.FLOPS, TrialKey.SEC_PER_EPOCH, TrialKey.EPOCHS_RUN,
+                  TrialKey.BEST_EPOCH, TrialKey.DEVICE, TrialKey.FAIL_REASON, TrialKey.REJECTED)
 
 
 @dataclass(frozen=True)
@@ -46,72 +46,6 @@ class ReportFiles:
 
 
 # --------------------------------------------------------------------------- studies and trials
-
-
-def study_summaries(storage: BaseStorage) -> list[dict[str, Any]]:
-    """One row per study in ``storage`` (oldest first): name, sampler, space, counts, best, start."""
-    rows = []
-    for fs in sorted(storage.get_all_studies(), key=lambda s: s._study_id):
-        trials = storage.get_all_trials(fs._study_id, deepcopy=False)
-        counts = Counter(t.state.name for t in trials)
-        starts = [t.datetime_start for t in trials if t.datetime_start is not None]
-        rows.append({
-            "name": fs.study_name,
-            "sampler": fs.user_attrs.get("sampler", "-"),
-            "space": fs.user_attrs.get("space", "-"),
-            **{state.lower(): counts.get(state, 0) for state in STATES},
-            "best": _best_value(trials, fs.directions),
-            "start": min(starts) if starts else None,
-        })
-    return rows
-
-
-def format_study_summaries(rows: list[dict[str, Any]]) -> str:
-    headers = ["name", "sampler", "space", "complete", "pruned", "fail", "running", "waiting",
-               "best", "started"]
-    body = [[r["name"], r["sampler"], r["space"], *(r[s.lower()] for s in STATES),
-             _fmt_value(r["best"]), _fmt_time(r["start"])] for r in rows]
-    return format_table(headers, body)
-
-
-def top_trials(study: optuna.Study, n: int = TOP_N) -> list[FrozenTrial]:
-    """The ``n`` best completed trials, best first (by the study's direction)."""
-    from optuna.study import StudyDirection
-    from optuna.trial import TrialState
-
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    maximize = study.direction == StudyDirection.MAXIMIZE
-    return sorted(done, key=lambda t: (-t.value if maximize else t.value, t.number))[:n]
-
-
-def format_trials(trials: Sequence[FrozenTrial]) -> str:
-    """The ``show`` table: number, value, state, epochs run, sec/epoch, model params, hyperparameters."""
-    headers = ["#", "value", "state", "epochs", "s/epoch", "params", "hyperparameters"]
-    body = [[t.number, _fmt_value(t.value), t.state.name, t.user_attrs.get("epochs_run", "-"),
-             _fmt_float(t.user_attrs.get("sec_per_epoch"), 2), _fmt_count(t.user_attrs.get("n_params")),
-             format_params(t.params)] for t in trials]
-    return format_table(headers, body)
-
-
-def study_header(study: optuna.Study) -> str:
-    """Lines describing a study: its settings (user attrs) and its trials by state."""
-    attrs = study.user_attrs
-    trials = study.get_trials(deepcopy=False)
-    counts = Counter(t.state.name for t in trials)
-    rejected = sum(1 for t in trials if "rejected" in t.user_attrs)
-    settings = ", ".join(f"{k} {attrs[k]}" for k in ("sampler", "pruner", "space", "data") if k in attrs)
-    finished = counts["COMPLETE"] + counts["PRUNED"]
-    target = attrs.get("target_trials")
-    by_state = [f"{counts[s]} {s.lower()}" + (f" ({rejected} rejected before training)"
-                                              if s == "PRUNED" and rejected else "")
-                for s in STATES if counts[s]]
-    lines = [f"study {study.study_name}" + (f" ({settings})" if settings else ""),
-             f"trials: {len(trials)}" + (f", finished {finished}/{target}" if target else "")
-             + (": " + ", ".join(by_state) if by_state else "")]
-    reasons = Counter(t.user_attrs.get("fail_reason", "no reason recorded")
-                      for t in trials if t.state.name == "FAIL")
-    lines += [f"failed x{n}: {reason}" for reason, n in reasons.most_common(3)]
-    return "\n".join(lines)
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -183,16 +117,17 @@ def render_report(study: optuna.Study, compare: Sequence[optuna.Study] = ()) -> 
     import optuna.visualization as vis
     from plotly.offline import get_plotlyjs
 
-    sections = [
-        ("summary", "Summary", _summary_html(study)),
-        ("history", "Optimization history", _figure_or_note(lambda: vis.plot_optimization_history(study))),
-        ("intermediate", "Intermediate values (val accuracy per epoch)",
-         _figure_or_note(lambda: intermediate_figure(study))),
-        ("parallel", "Parallel coordinates", _figure_or_note(lambda: vis.plot_parallel_coordinate(study))),
-        ("importance", "Parameter importances", _importance_html(study)),
-        ("slice", "Slice plots", _figure_or_note(lambda: vis.plot_slice(study))),
-        ("top-trials", f"Top {TOP_N} trials", _top_table_html(study)),
-    ]
+    if len(study.directions) > 1:  # several objectives: the front, the trade-offs, each objective
+        from catdog_hpo.view import pareto
+
+        sections = [("summary", "Summary", _summary_html(study)), *pareto.sections(study, _figure_or_note),
+                    ("intermediate", "Intermediate values (val accuracy per epoch)",
+                     _figure_or_note(lambda: intermediate_figure(study))),
+                    ("parallel", "Parallel coordinates (accuracy)", _figure_or_note(
+                        lambda: vis.plot_parallel_coordinate(study, target=lambda t: t.values[0],
+                                                             target_name="accuracy")))]
+    else:
+        sections = _single_objective_sections(study)
     if compare:
         studies = [study, *compare]
         sections.append(("compare", "Comparison: best so far",
@@ -206,6 +141,21 @@ def render_report(study: optuna.Study, compare: Sequence[optuna.Study] = ()) -> 
             f"<style>{_CSS}</style>\n<script>{get_plotlyjs()}</script>\n</head><body>\n"
             f"<h1>{title}</h1>\n<p class=\"generated\">generated {datetime.now():%Y-%m-%d %H:%M}</p>\n"
             f"<nav>{nav}</nav>\n{body}\n</body></html>\n")
+
+
+def _single_objective_sections(study: optuna.Study) -> list[tuple[str, str, str]]:
+    import optuna.visualization as vis
+
+    return [
+        ("summary", "Summary", _summary_html(study)),
+        ("history", "Optimization history", _figure_or_note(lambda: vis.plot_optimization_history(study))),
+        ("intermediate", "Intermediate values (val accuracy per epoch)",
+         _figure_or_note(lambda: intermediate_figure(study))),
+        ("parallel", "Parallel coordinates", _figure_or_note(lambda: vis.plot_parallel_coordinate(study))),
+        ("importance", "Parameter importances", _importance_html(study)),
+        ("slice", "Slice plots", _figure_or_note(lambda: vis.plot_slice(study))),
+        ("top-trials", f"Top {TOP_N} trials", _top_table_html(study)),
+    ]
 
 
 def intermediate_figure(study: optuna.Study) -> go.Figure:
@@ -242,7 +192,8 @@ def compare_figure(studies: Sequence[optuna.Study], against: str) -> go.Figure:
     fig = go.Figure()
     for study in studies:
         x, y = best_so_far(study, against)
-        label = f"{study.study_name} ({study.user_attrs.get('sampler', '?')})"
+        sampler = StudyInfo.from_study(study).sampler
+        label = f"{study.study_name} ({'?' if sampler is None else sampler})"
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", line_shape="hv", name=label))
     axis = "trial number" if against == "trial" else "wall time (minutes since the study started)"
     fig.update_layout(title=f"Best value so far against {axis}", xaxis_title=axis, yaxis_title="best value")
@@ -280,8 +231,6 @@ class _Note(Exception):
 def _check_reportable(study: optuna.Study) -> None:
     from optuna.trial import TrialState
 
-    if len(study.directions) > 1:
-        raise UserError(f"study {study.study_name!r} is multi-objective: the report handles one objective")
     trials = study.get_trials(deepcopy=False)
     if not any(t.state == TrialState.COMPLETE for t in trials):
         counts = Counter(t.state.name.lower() for t in trials)
@@ -328,17 +277,27 @@ def _importance_html(study: optuna.Study) -> str:
 
 def _summary_html(study: optuna.Study) -> str:
     lines = study_header(study).splitlines()
-    best = study.best_trial
     items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    if len(study.directions) > 1:
+        from catdog_hpo.view.pareto import names_of
+
+        from catdog_hpo.search.pareto import front_trials
+
+        return (f"<ul>{items}<li>objectives: {html.escape(', '.join(names_of(study)))}; "
+                f"{len(front_trials(study))} trials on the Pareto front</li></ul>")
+    best = study.best_trial
     return (f"<ul>{items}<li>best: trial {best.number}, value {_fmt_value(best.value)}, "
             f"{html.escape(format_params(best.params))}</li></ul>")
 
 
 def _top_table_html(study: optuna.Study) -> str:
     headers = ["#", "value", "params", "flops", "s/epoch", "epochs", "hyperparameters"]
-    rows = [[t.number, _fmt_value(t.value), _fmt_count(t.user_attrs.get("n_params")),
-             _fmt_count(t.user_attrs.get("flops")), _fmt_float(t.user_attrs.get("sec_per_epoch"), 2),
-             t.user_attrs.get("epochs_run", "-"), format_params(t.params)] for t in top_trials(study)]
+    rows = []
+    for t in top_trials(study):
+        r = TrialRecord.from_trial(t)
+        rows.append([t.number, _fmt_value(t.value), _fmt_count(r.n_params), _fmt_count(r.flops),
+                     _fmt_float(r.sec_per_epoch, 2), "-" if r.epochs_run is None else r.epochs_run,
+                     format_params(t.params)])
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f'<table class="trials"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
@@ -349,74 +308,14 @@ def _note(text: str) -> str:
 
 
 def _flatten_attrs(attrs: dict[str, Any], prefix: str = "user_attrs_") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in attrs.items():
-        if isinstance(value, dict):
-            out.update(_flatten_attrs(value, f"{prefix}{key}."))
-        elif isinstance(value, (list, tuple)):
-            out[f"{prefix}{key}"] = json.dumps(value)
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    """Nested dicts -> dotted keys (pandas.json_normalize); lists -> JSON text; ``prefix`` on each."""
+    import pandas as pd
 
-
-def _best_value(trials: Sequence[FrozenTrial], directions: Sequence[Any]) -> float | None:
-    from optuna.study import StudyDirection
-
-    values = [t.value for t in trials if t.state.name == "COMPLETE" and t.values and len(t.values) == 1]
-    if not values or len(directions) != 1:
-        return None
-    return max(values) if directions[0] == StudyDirection.MAXIMIZE else min(values)
-
-
-def format_params(params: dict[str, Any]) -> str:
-    """Hyperparameters as compact ``name=value`` pairs."""
-    return " ".join(f"{k}={_fmt_param(v)}" for k, v in params.items())
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table with left-aligned text and right-aligned numbers."""
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    numeric = [all(_looks_numeric(r[i]) for r in cells) and bool(cells) for i in range(len(headers))]
-
-    def line(row: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)).rstrip()
-
-    return "\n".join([line(list(headers)), line(["-" * w for w in widths]), *(line(r) for r in cells)])
-
-
-def _looks_numeric(text: str) -> bool:
-    return bool(re.fullmatch(r"-|[-+]?[\d.]+(e[-+]?\d+)?[kMG]?", text))
-
-
-def _fmt_param(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
-
-
-def _fmt_value(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
-
-
-def _fmt_float(v: Any, digits: int) -> str:
-    return "-" if v is None else f"{float(v):.{digits}f}"
-
-
-def _fmt_count(v: Any) -> str:
-    """1234567 -> '1.23M': parameter and FLOP counts at a glance."""
-    if v is None:
-        return "-"
-    v = float(v)
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(v) >= scale:
-            return f"{v / scale:.3g}{unit}"
-    return f"{v:.0f}"
-
-
-def _fmt_time(t: datetime | None) -> str:
-    return "-" if t is None else f"{t:%Y-%m-%d %H:%M}"
+    if not attrs:
+        return {}
+    flat = pd.json_normalize(attrs, sep=".").to_dict(orient="records")[0]  # one row: native types
+    return {f"{prefix}{key}": json.dumps(value) if isinstance(value, (list, tuple)) else value
+            for key, value in flat.items()}
 
 
 def _safe_name(name: str) -> str:

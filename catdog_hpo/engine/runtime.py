@@ -1,0 +1,98 @@
+"""How ``fit`` runs on its device: the explicit settings of the CUDA path, and process setup.
+
+``Runtime`` holds every device-dependent choice of the training loop as a plain value (autocast
+dtype, channels_last, fused optimizers, the static/graph-captured step, compile, cuDNN autotune),
+so the CUDA branches can be run on the CPU in tests by passing them explicitly. ``for_device``
+gives the defaults: the fast path on CUDA, plain fp32 on the CPU.
+
+``configure_process`` is called once per process before training (CLI or worker): TF32 for fp32
+matmuls on CUDA, determinism when asked, and the CPU thread pool of a worker.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from catdog_hpo.config import TrainConfig
+
+# Values (floats) augmented at once: an epoch is augmented in chunks of this many values, so one
+# batched augmentation covers many training batches (fewer kernel launches) at bounded memory.
+AUG_CHUNK_VALUES_CUDA = 2**27  # 512 MiB of float32 per chunk: ~10.9k images at 64 px, ~2.7k at 128 px
+AUG_CHUNK_VALUES_CPU = 2**24  # 64 MiB on the CPU, where launches cost nothing and memory is tighter
+VAL_CHUNK_VALUES = 2**25  # input values per validation batch (128 MiB float32): 2730 images at 64 px
+# The val set is kept normalised (float32) for the whole trial up to this many values (1 GiB:
+# 5,000 images at 128 px); a larger one (224 px) stays uint8 and is normalised per val batch.
+VAL_RESIDENT_VALUES = 2**28
+CUDA_WORKER_THREADS = 2  # CPU threads of a CUDA worker that shares its GPU (it only launches kernels)
+CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs for deterministic matmuls (CUDA docs)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Explicit engine settings; ``for_device`` picks them from the device and TrainConfig."""
+
+    autocast: torch.dtype | None = None  # training forward under autocast in this dtype; eval is fp32
+    channels_last: bool = False  # NHWC model and batches (cuDNN's fastest convolutions)
+    fused: bool = False  # fused Adam/AdamW/SGD kernels (CUDA and CPU both have them)
+    static_step: bool = False  # the training step through static input buffers and a device lr
+    cuda_graph: bool = False  # capture that static step in a CUDA graph (CUDA only)
+    compile_backend: str | None = None  # torch.compile backend ("inductor", "eager"), None: off
+    cudnn_benchmark: bool = False  # cuDNN autotuning: off, it re-tunes each trial's new shapes
+    aug_chunk_values: int = AUG_CHUNK_VALUES_CPU
+
+    def __post_init__(self) -> None:
+        assert not self.cuda_graph or self.static_step, "a CUDA graph captures the static step"
+        assert self.aug_chunk_values > 0
+
+
+_deterministic = False  # set by configure_process; read by for_device
+
+
+def for_device(device: torch.device, train: TrainConfig, cudnn_benchmark: bool = False) -> Runtime:
+    """The defaults: on CUDA bf16 autocast (train.amp), channels_last, fused optimizers and the
+    graph-captured step (train.compile instead switches to torch.compile); fp32 on the CPU."""
+    if device.type != "cuda":
+        return Runtime()
+    compiled = "inductor" if train.compile else None
+    return Runtime(
+        autocast=torch.bfloat16 if train.amp else None, channels_last=True, fused=True,
+        static_step=compiled is None, cuda_graph=compiled is None, compile_backend=compiled,
+        cudnn_benchmark=cudnn_benchmark and not _deterministic, aug_chunk_values=AUG_CHUNK_VALUES_CUDA,
+    )
+
+
+def apply_backends(rt: Runtime, device: torch.device) -> None:
+    """Per-fit backend switches (process-wide in torch; every fit of a process sets them alike)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = rt.cudnn_benchmark and not _deterministic
+
+
+def configure_process(device: str, *, deterministic: bool = False, shared_gpu: bool = False) -> None:
+    """Once per process, before its first CUDA call. ``device`` is "cpu" or "cuda[:N]".
+
+    TF32 for fp32 matmuls and convolutions on CUDA (about 8x the fp32 rate on tensor cores; fp32
+    runs are those with amp off, and validation). ``deterministic``: deterministic kernels,
+    no cuDNN autotuning, cuBLAS's fixed workspace; ops without a deterministic CUDA kernel warn.
+    ``shared_gpu``: a CUDA worker that shares its GPU keeps a small CPU thread pool.
+    """
+    global _deterministic
+    _deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # read at cuBLAS init
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(device))  # streams and graphs made without a device land here
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # == set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+        if shared_gpu:
+            torch.set_num_threads(CUDA_WORKER_THREADS)
+
+
+def is_deterministic() -> bool:
+    return _deterministic

@@ -1,0 +1,242 @@
+"""The study's time budget (``run --budget``) and the admission guard that keeps trials inside it.
+
+Time spent: every worker process of every run, on every machine, records one session interval
+``[start, last seen]`` (epoch seconds) in the study's system attributes. Time spent is the length
+of the union of those intervals: parallel workers and machines overlap and count once, a resumed
+run adds only its own time, a crashed worker's interval ends where it was last seen.
+
+Admission (``Guard.admit``): before any training, the cost model (engine.cost) predicts a
+config's seconds on this device. It is turned away (recorded as a rejected trial, which the
+sampler learns from through an Optuna constraint) when
+
+- it would not finish in the time left (no trial is started that the model says cannot finish), or
+- the part it will surely run (up to the pruner's first decision; all of it without a pruner)
+  exceeds its fair share of what is left: ``left x workers / trials still to run x SHARE_SLACK``
+  (only with ``--trials``; not for the baseline and --enqueue configs, which the user asked for).
+
+A running trial is stopped at the end of an epoch once the budget is spent (``Guard.overrun``), so
+the run ends within the budget plus one epoch of the slowest running trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import re
+import time
+import uuid
+from typing import Any
+
+import optuna
+
+from catdog_hpo.errors import ConfigError, UserError
+from catdog_hpo.search import optuna_compat
+from catdog_hpo.search.record import (BUDGET_SESSION_PREFIX, CALIBRATION_PREFIX, StudyKey, TrialKey)
+
+SHARE_SLACK = 2.0  # a config may cost this many fair shares (trials that end early leave time over)
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_TOUCH_EVERY_S = 2.0  # how often a session writes its "last seen" time (store writes are not free)
+
+
+def parse_duration(text: str, flag: str = "--budget") -> float:
+    """Seconds from ``90s``, ``45m``, ``2h``, ``1.5h``, ``1d`` or plain seconds (``600``);
+    UserError naming ``flag`` otherwise."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([smhd]?)\s*", str(text).lower())
+    if m is None:
+        raise UserError(f"{flag} {text!r}: expected a duration such as 90s, 45m, 2h or a number of seconds")
+    seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UserError(f"{flag} {text!r}: must be more than 0 seconds")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.2f}h"
+
+
+def resolve_budget(study: optuna.Study, given: float | None) -> float | None:
+    """The study's budget in seconds: ``given`` (stored on the study, so a resumed run without
+    --budget keeps it) or the one stored by an earlier run, or None (no budget)."""
+    stored = study.user_attrs.get(StudyKey.BUDGET_S)
+    if given is not None:
+        if stored != given:
+            study.set_user_attr(StudyKey.BUDGET_S, given)
+        return given
+    return float(stored) if stored is not None else None
+
+
+# --------------------------------------------------------------------------- time spent
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by ``intervals`` (overlaps count once)."""
+    total, end = 0.0, -math.inf
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+class StudyClock:
+    """This process's session of the study, and the study's time spent and left."""
+
+    def __init__(self, study: optuna.Study, budget_s: float | None) -> None:
+        self._study = study
+        self._storage = study._storage
+        self.budget_s = budget_s
+        self._key = BUDGET_SESSION_PREFIX + uuid.uuid4().hex[:16]
+        self._start = time.time()
+        self._last_touch = 0.0
+        self.touch(force=True)
+
+    def touch(self, force: bool = False) -> None:
+        """Record that this session is alive until now."""
+        now = time.time()
+        if force or now - self._last_touch >= _TOUCH_EVERY_S:
+            self._storage.set_study_system_attr(optuna_compat.study_id(self._study), self._key,
+                                                [self._start, now])
+            self._last_touch = now
+
+    def spent(self) -> float:
+        """Seconds of the study's wall time so far, over every session of every run."""
+        attrs = self._storage.get_study_system_attrs(optuna_compat.study_id(self._study))
+        intervals = [(float(v[0]), float(v[1])) for k, v in attrs.items()
+                     if k.startswith(BUDGET_SESSION_PREFIX) and k != self._key]
+        intervals.append((self._start, time.time()))
+        return union_length(intervals)
+
+    def left(self) -> float:
+        """Seconds of the budget left (inf without a budget)."""
+        self.touch()  # with or without a budget: the study's wall time is recorded (show, summary)
+        if self.budget_s is None:
+            return math.inf
+        return self.budget_s - self.spent()
+
+
+def spent_seconds(study: optuna.Study) -> float:
+    """The study's time spent so far (for show and the report; no session of its own)."""
+    attrs = study._storage.get_study_system_attrs(optuna_compat.study_id(study))
+    return union_length([(float(v[0]), float(v[1])) for k, v in attrs.items()
+                         if k.startswith(BUDGET_SESSION_PREFIX)])
+
+
+# --------------------------------------------------------------------------- admission
+
+
+def _nominal() -> Any:
+    from catdog_hpo.engine.cost import Calibration
+
+    return Calibration(flop_rate=2e10, step_s=2e-4)  # ~ 2 CPU cores; only the ratios between configs matter
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the guard needs to know about the run: its trial target and parallelism."""
+
+    trials: int | None  # --trials (None: as many as fit)
+    workers: int
+    decided_at: int | None = None  # the epoch the pruner first decides at (None: no pruner)
+
+
+class Guard:
+    """One worker's cost model and budget guard (see the module docstring)."""
+
+    def __init__(self, study: optuna.Study, clock: StudyClock, plan: Plan, device: Any) -> None:
+        self.study = study
+        self.clock = clock
+        self.plan = plan
+        self.device = device
+        self.where = f"{platform.node()}:{device}"
+        self._calibration: Any = None
+        self._nominal = False  # the calibration is NOMINAL, not measured here
+        self.too_late = 0  # configs in a row turned away because they would not finish in time
+
+    def calibration(self, data: Any) -> Any:
+        """The cost model's rates on this device: the study's stored calibration for this
+        host and device, else measured now (a few seconds) and stored; then corrected by the
+        study's measured trials here."""
+        pairs = []
+        for t in self.study.get_trials(deepcopy=False):
+            ua = t.user_attrs
+            if ua.get(TrialKey.COST_DEVICE) == self.where and ua.get(TrialKey.SEC_PER_EPOCH) \
+                    and ua.get(TrialKey.PREDICTED_EPOCH_S):
+                pairs.append((float(ua[TrialKey.SEC_PER_EPOCH]), float(ua[TrialKey.PREDICTED_EPOCH_S])))
+        if self._calibration is None or (self._nominal and not pairs and self.clock.budget_s is not None):
+            self._calibration = self._load_or_measure(data, measure=self.clock.budget_s is not None and not pairs)
+        return self._calibration.corrected(pairs)
+
+    def _load_or_measure(self, data: Any, measure: bool) -> Any:
+        """The study's stored calibration for this host and device; else, with a budget to plan,
+        measured now (a few seconds) and stored; else nominal rates (the study's measured trials
+        correct them before they matter: without a budget nothing is admitted by them)."""
+        from catdog_hpo.engine.cost import Calibration, calibrate
+
+        key = CALIBRATION_PREFIX + self.where
+        storage, sid = self.study._storage, optuna_compat.study_id(self.study)
+        stored = dict(storage.get_study_system_attrs(sid).get(key) or {})
+        self._nominal = bool(stored.pop("nominal", False))
+        if stored and not (measure and self._nominal):
+            return Calibration(**stored)
+        if measure:
+            cal, self._nominal = calibrate(data, self.device), False
+        else:
+            cal, self._nominal = _nominal(), True
+        storage.set_study_system_attr(sid, key, {**dataclasses.asdict(cal), "nominal": self._nominal})
+        return cal
+
+    def admit(self, trial: optuna.Trial, cfg: Any, flops: int, params: int, data: Any) -> float:
+        """Predicted seconds of ``cfg`` (recorded on the trial); ConfigError with the reason when
+        the budget cannot afford it."""
+        from catdog_hpo.engine.cost import workload
+        from catdog_hpo.engine.heads import applies, features_ready
+
+        cal = self.calibration(data)
+        w = workload(cfg, flops, params, len(data.classes), len(data.train_y), len(data.val_y),
+                     features_cached=features_ready(cfg, data))
+        raw_epoch = cal.epoch_seconds(w)
+        predicted = cal.predict(w)
+        trial.set_user_attr(TrialKey.PREDICTED_S, round(predicted, 3))
+        # A frozen-backbone trial's epoch is a head on cached features (engine/heads.py), another
+        # regime than the convolutions the correction scales: it does not correct the others.
+        if not applies(cfg):
+            trial.set_user_attr(TrialKey.PREDICTED_EPOCH_S, round(raw_epoch, 5))
+        trial.set_user_attr(TrialKey.COST_DEVICE, self.where)
+        left = self.clock.left()
+        if math.isinf(left):
+            return predicted
+        self.too_late = self.too_late + 1 if predicted > left else 0
+        if predicted > left:
+            raise ConfigError(f"predicted {format_duration(predicted)} > the {format_duration(left)} "
+                              f"left of --budget {format_duration(self.clock.budget_s or 0)}")
+        # The fair share is weighed against what the trial surely costs: its epochs up to the
+        # pruner's first decision (the pruner, not the guard, judges the rest). The baseline and
+        # the user's --enqueue configs were asked for by name: only "must finish" applies to them.
+        sure = cal.predict(w, epochs=min(w.epochs, self.plan.decided_at)) if self.plan.decided_at else predicted
+        asked = trial.user_attrs.get(TrialKey.BASELINE) or trial.user_attrs.get(TrialKey.ENQUEUED_FROM)
+        share = self.fair_share(left)
+        if sure > share and not asked:
+            raise ConfigError(f"predicted {format_duration(sure)} > its fair share "
+                              f"{format_duration(share)} of the {format_duration(left)} left of --budget")
+        return predicted
+
+    def fair_share(self, left: float) -> float:
+        """Seconds one trial may cost: inf without --trials (only 'must finish' applies)."""
+        if self.plan.trials is None:
+            return math.inf
+        from catdog_hpo.search.study import count
+
+        finished, running, _ = count(self.study)
+        still = max(1, self.plan.trials - finished - max(0, running - 1))  # running - 1: not this one
+        return left * self.plan.workers / still * SHARE_SLACK
+
+    def overrun(self) -> bool:
+        """The budget is spent: a running trial stops at this epoch's end."""
+        return self.clock.left() <= 0

@@ -1,0 +1,65 @@
+"""The one module that touches Optuna's private API; everything else uses the public one.
+
+Why private at all: ``run`` is its own ask/tell loop rather than ``Study.optimize``, because a
+worker must claim a trial under the study-wide lock only while finished + running < N (the
+shared budget). So it has to do what ``optimize`` does internally: start Optuna's heartbeat
+thread for each trial and beat once at the claim (``optuna.storages._heartbeat``). Per-study
+counters (the sampler streams) live in the study's system attributes, which the storage reads
+and writes by the study's storage id (``Study._study_id``; ``Study.set_system_attr`` is gone in
+Optuna 5), and export files record the trial's storage id (``_trial_id``). Optuna has no public
+accessor for any of these, so pyproject pins Optuna to the minor versions tested here; when
+bumping it, check these few lines against the new source.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from optuna.storages import _heartbeat
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.storages import BaseStorage
+    from optuna.trial import FrozenTrial
+
+# For storages that implement heartbeats themselves (a subclass must inherit it: Optuna checks
+# ``isinstance(storage, BaseHeartbeat)``).
+BaseHeartbeat = _heartbeat.BaseHeartbeat
+
+
+def study_id(study: optuna.Study) -> int:
+    """The storage's key of a study (what ``BaseStorage`` methods take)."""
+    return study._study_id
+
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    """The storage's key of a trial (unique in the store, unlike ``trial.number``)."""
+    return trial._trial_id
+
+
+def heartbeat_enabled(storage: BaseStorage) -> bool:
+    """Whether ``storage`` records heartbeats (an RDB store opened with a heartbeat interval)."""
+    return _heartbeat.is_heartbeat_enabled(storage)
+
+
+def heartbeat_thread(trial: optuna.Trial, storage: BaseStorage) -> Any:
+    """A context manager beating for ``trial`` while inside (a no-op without heartbeats).
+
+    Looked up on the module at call time, so a test can replace ``get_heartbeat_thread``."""
+    return _heartbeat.get_heartbeat_thread(trial_id(trial), storage)
+
+
+def record_heartbeat(storage: BaseStorage, trial: optuna.Trial) -> None:
+    """One heartbeat for ``trial`` now (``storage`` must have heartbeats enabled)."""
+    assert isinstance(storage, BaseHeartbeat)
+    storage.record_heartbeat(trial_id(trial))
+
+
+def bump_study_counter(storage: BaseStorage, study: optuna.Study, key: str) -> int:
+    """Read the study system attribute ``key`` (0 if unset), store it + 1, return the old value.
+
+    Not atomic by itself: hold the study lock (``search.locks.study_lock``) around it."""
+    sid = study_id(study)
+    value = int(storage.get_study_system_attrs(sid).get(key, 0))
+    storage.set_study_system_attr(sid, key, value + 1)
+    return value

@@ -1,0 +1,190 @@
+"""The study record's schema: every key catdog-hpo writes into an Optuna store, read back typed.
+
+``run`` writes these as Optuna user attributes (JSON values); ``export``, ``report``, ``show``
+and the progress lines read them back. Writers use the key constants; readers use
+``TrialRecord.from_trial`` / ``StudyInfo.from_study``, which tolerate a missing key (a trial
+pruned before training has no history; a study made by another tool has no attributes at all).
+Add a new key here, as a constant and a field, and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+
+class TrialKey:
+    """Trial user attributes (``trial.set_user_attr(TrialKey.X, ...)``)."""
+
+    CONFIG = "config"  # the TrialConfig the trial trained, as plain data (config.to_dict)
+    REJECTED = "rejected"  # why the config was turned away before training (pruned, not trained)
+    FAIL_REASON = "fail_reason"  # why the trial failed (first line, <= 500 characters)
+    HISTORY = "history"  # one dict per epoch: engine.train.EpochStats as plain data
+    EPOCHS_RUN = "epochs_run"  # epochs trained (fewer than configured when pruned)
+    SEC_PER_EPOCH = "sec_per_epoch"  # mean wall seconds per epoch, train + validation
+    BEST_EPOCH = "best_epoch"  # 1-based epoch of the best validation accuracy; 0 if none finished
+    N_PARAMS = "n_params"  # parameters of the model (engine.models cost)
+    FLOPS = "flops"  # forward FLOPs per image (2 per multiply-add) at the trial's image size
+    DEVICE = "device"  # torch device string the trial trained on ("cpu", "cuda:0")
+    RETRY_OF = "retry_of"  # set on an enqueued re-run: the number of the interrupted trial
+    LATENCY_MS = "latency_ms"  # batch-1 forward ms, median of repeats (engine.latency), before training
+    LATENCY_METHOD = "latency_method"  # how LATENCY_MS was measured, in words (device, threads, runs)
+    PRUNED_BY = "pruned_by"  # multi-objective: the Pareto rule's reason (search.pareto)
+    # The cost model (engine.cost, search.budget): seconds predicted before training, measured after.
+    PREDICTED_S = "predicted_s"  # predicted seconds of all configured epochs (corrected), before training
+    PREDICTED_EPOCH_S = "predicted_epoch_s"  # uncorrected predicted seconds per epoch (the correction's base)
+    MEASURED_S = "measured_s"  # seconds of the epochs actually run (training + validation)
+    COST_DEVICE = "cost_device"  # "<host>:<device>": the trials whose seconds calibrate each other
+    BASELINE = "baseline"  # True on the space's baseline config (enqueued as trial 0 of a new study)
+    ENQUEUED_FROM = "enqueued_from"  # run --enqueue FILE: the file a user config came from
+    BUDGET_STOP = "budget_stop"  # why a running trial was stopped at an epoch end (budget spent)
+
+
+class StudyKey:
+    """Study user attributes, written once by ``run`` when it creates the study."""
+
+    SPACE = "space"  # search space name or path (space_files.load_space reads it back)
+    SPACE_FINGERPRINT = "space_fingerprint"  # written last: its presence marks the study made
+    SAMPLER = "sampler"  # a key of search.samplers.SAMPLERS
+    PRUNER = "pruner"  # a key of search.samplers.PRUNERS
+    DATA = "data"  # DataSource.describe(): a one-line description
+    DATA_SOURCE = "data_source"  # the whole DataSource as a dict, so export/retrain rebuild the split
+    DATA_FINGERPRINT = "data_fingerprint"  # the decoded images' fingerprint at the base image size
+    OVERRIDES = "overrides"  # dotted config paths fixed on top of the space (--epochs, --device, ...)
+    TARGET_TRIALS = "target_trials"  # --trials N: finished trials the study aims at
+    SEED = "seed"  # --seed
+    EPOCHS = "epochs"  # --epochs (None: the space's own)
+    VERSION = "catdog_hpo_version"  # catdog-hpo version that made the study
+    GRID_SIZE = "grid_size"  # number of grid points enqueued (grid sampler only)
+    OBJECTIVES = "objectives"  # list of search.objectives.OBJECTIVES keys, accuracy first (absent: accuracy)
+    LATENCY_DEVICE = "latency_device"  # --latency-device ("cpu" | "cuda"), with latency an objective
+    SAMPLERS_USED = "samplers_used"  # SAMPLERS keys in the order runs used them (a resume may switch)
+    RUN_CONFIG = "run_config"  # run --config FILE: {"path": FILE, "values": its keys} (None: no file)
+    BUDGET_S = "budget_s"  # run --budget: the study's wall-clock budget in seconds, across all runs
+
+
+# Study system attribute (not shown by the dashboard): sampler streams handed out so far.
+SAMPLER_STREAMS = "catdog_hpo:sampler_streams"
+# Study system attributes of the time budget (search.budget): one [start, end] epoch-seconds
+# interval per worker session, key prefix + session id; their union is the time spent.
+BUDGET_SESSION_PREFIX = "catdog_hpo:budget_session:"
+# The cost model's calibration per "<host>:<device>" (engine.cost.Calibration as a dict).
+CALIBRATION_PREFIX = "catdog_hpo:calibration:"
+REJECTION_CONSTRAINT = "turned_away"  # Trial.set_constraint key: > 0 on a config turned away
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What catdog-hpo recorded on one trial; None where it recorded nothing."""
+
+    number: int
+    config: dict[str, Any] | None = None
+    rejected: str | None = None
+    fail_reason: str | None = None
+    history: list[dict[str, Any]] | None = None
+    epochs_run: int | None = None
+    sec_per_epoch: float | None = None
+    best_epoch: int | None = None
+    n_params: int | None = None
+    flops: int | None = None
+    device: str | None = None
+    retry_of: int | None = None
+    latency_ms: float | None = None
+    latency_method: str | None = None
+    pruned_by: str | None = None
+    predicted_s: float | None = None
+    measured_s: float | None = None
+    baseline: bool = False
+
+    @classmethod
+    def from_trial(cls, trial: FrozenTrial | optuna.Trial) -> TrialRecord:
+        ua = trial.user_attrs
+        config = ua.get(TrialKey.CONFIG)
+        return cls(
+            number=trial.number,
+            config=config if isinstance(config, dict) else None,
+            rejected=ua.get(TrialKey.REJECTED),
+            fail_reason=ua.get(TrialKey.FAIL_REASON),
+            history=ua.get(TrialKey.HISTORY),
+            epochs_run=ua.get(TrialKey.EPOCHS_RUN),
+            sec_per_epoch=ua.get(TrialKey.SEC_PER_EPOCH),
+            best_epoch=ua.get(TrialKey.BEST_EPOCH),
+            n_params=ua.get(TrialKey.N_PARAMS),
+            flops=ua.get(TrialKey.FLOPS),
+            device=ua.get(TrialKey.DEVICE),
+            retry_of=ua.get(TrialKey.RETRY_OF),
+            latency_ms=ua.get(TrialKey.LATENCY_MS),
+            latency_method=ua.get(TrialKey.LATENCY_METHOD),
+            pruned_by=ua.get(TrialKey.PRUNED_BY),
+            predicted_s=ua.get(TrialKey.PREDICTED_S),
+            measured_s=ua.get(TrialKey.MEASURED_S),
+            baseline=bool(ua.get(TrialKey.BASELINE, False)),
+        )
+
+    @property
+    def why(self) -> str:
+        """Why the trial did not complete ("" when nothing was recorded)."""
+        return self.fail_reason or self.rejected or ""
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """What ``run`` recorded on a study; None where it recorded nothing."""
+
+    name: str
+    space: str | None = None
+    space_fingerprint: str | None = None
+    sampler: str | None = None
+    pruner: str | None = None
+    data: str | None = None
+    data_source: dict[str, Any] | None = None
+    data_fingerprint: str | None = None
+    overrides: dict[str, Any] | None = None
+    target_trials: int | None = None
+    seed: int | None = None
+    epochs: int | None = None
+    version: str | None = None
+    grid_size: int = 0
+    objectives: tuple[str, ...] = ("accuracy",)  # a study made before --objectives: accuracy only
+    latency_device: str | None = None
+    samplers_used: tuple[str, ...] = ()  # empty for a study made before the sampler could change
+    run_config: dict[str, Any] | None = None
+    budget_s: float | None = None
+
+    @classmethod
+    def from_attrs(cls, name: str, attrs: dict[str, Any]) -> StudyInfo:
+        """From a study's user attributes (``study.user_attrs`` or a ``FrozenStudy``'s)."""
+        return cls(
+            name=name,
+            space=attrs.get(StudyKey.SPACE),
+            space_fingerprint=attrs.get(StudyKey.SPACE_FINGERPRINT),
+            sampler=attrs.get(StudyKey.SAMPLER),
+            pruner=attrs.get(StudyKey.PRUNER),
+            data=attrs.get(StudyKey.DATA),
+            data_source=attrs.get(StudyKey.DATA_SOURCE),
+            data_fingerprint=attrs.get(StudyKey.DATA_FINGERPRINT),
+            overrides=attrs.get(StudyKey.OVERRIDES) or {},
+            target_trials=attrs.get(StudyKey.TARGET_TRIALS),
+            seed=attrs.get(StudyKey.SEED),
+            epochs=attrs.get(StudyKey.EPOCHS),
+            version=attrs.get(StudyKey.VERSION),
+            grid_size=int(attrs.get(StudyKey.GRID_SIZE, 0) or 0),
+            objectives=tuple(attrs.get(StudyKey.OBJECTIVES) or ("accuracy",)),
+            latency_device=attrs.get(StudyKey.LATENCY_DEVICE),
+            samplers_used=tuple(attrs.get(StudyKey.SAMPLERS_USED) or ()),
+            run_config=attrs.get(StudyKey.RUN_CONFIG),
+            budget_s=attrs.get(StudyKey.BUDGET_S),
+        )
+
+    @classmethod
+    def from_study(cls, study: optuna.Study) -> StudyInfo:
+        return cls.from_attrs(study.study_name, study.user_attrs)
+
+    @property
+    def made_by_run(self) -> bool:
+        """Whether ``catdog-hpo run`` finished creating this study (its fingerprint is written last)."""
+        return self.space_fingerprint is not None
