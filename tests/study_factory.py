@@ -16,7 +16,7 @@ import math
 import random
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -26,6 +26,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when r
 
 from catdog_hpo.config import ModelConfig, OptimConfig, TrainConfig, TrialConfig, to_dict  # noqa: E402
 from catdog_hpo.search.storage import open_storage  # noqa: E402
+
+if TYPE_CHECKING:
+    from catdog_hpo.search.study import RunSettings
+
+def run_settings(workdir: Path, **kw: object) -> "RunSettings":
+    """Settings for ``search.study.run`` on the tiny space in ``workdir`` (tests' fixtures write
+    ``tiny.yaml``): a SQLite store under ``workdir/studies``, synthetic data, no progress output."""
+    from catdog_hpo.data import DataSource
+    from catdog_hpo.search.study import RunSettings
+
+    base: dict[str, object] = dict(
+        study="s", storage=f"sqlite:///{workdir}/studies/t.db", space=str(workdir / "tiny.yaml"),
+        sampler="random", pruner="none", trials=3, data=DataSource(name="synthetic"),
+        studies_dir=workdir / "studies", progress=False, heartbeat=2)
+    base.update(kw)
+    return RunSettings(**base)  # type: ignore[arg-type]
+
+
+def load_run_study(s: "RunSettings") -> optuna.Study:
+    return optuna.load_study(study_name=s.study, storage=s.storage)
+
 
 # The factory's search space: names shaped like the real spaces' ("group.field").
 DISTRIBUTIONS = {

@@ -19,6 +19,7 @@ from catdog_hpo.search.objective import Budget
 from catdog_hpo.search.record import StudyKey, TrialKey
 from catdog_hpo.search.study import PRUNERS, RunSettings, count, first_rung, run
 from helpers import TINY_SPACE
+from study_factory import run_settings as settings, load_run_study as load
 
 TINY = {**TINY_SPACE, "baseline": {"depth": 1, "block0.channels": 8, "optim.lr": 1e-2}}
 
@@ -30,16 +31,6 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def settings(workdir: Path, **kw: object) -> RunSettings:
-    base = dict(study="s", storage=f"sqlite:///{workdir}/studies/t.db", space=str(workdir / "tiny.yaml"),
-                sampler="random", pruner="none", trials=3, data=DataSource(name="synthetic"),
-                studies_dir=workdir / "studies", progress=False, heartbeat=2)
-    base.update(kw)
-    return RunSettings(**base)  # type: ignore[arg-type]
-
-
-def load(s: RunSettings) -> optuna.Study:
-    return optuna.load_study(study_name=s.study, storage=s.storage)
 
 
 # --------------------------------------------------------------------------- parsing

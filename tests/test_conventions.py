@@ -27,6 +27,7 @@ from catdog_hpo.data import DataSource
 from catdog_hpo.search.record import StudyKey
 from catdog_hpo.search.study import RunSettings, count, run
 from helpers import TINY_SPACE
+from study_factory import run_settings as settings
 from study_factory import make_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,14 +39,6 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY_SPACE))
     return tmp_path
-
-
-def settings(workdir: Path, **kw: object) -> RunSettings:
-    base = dict(study="s", storage=f"sqlite:///{workdir}/studies/t.db", space=str(workdir / "tiny.yaml"),
-                sampler="random", pruner="none", trials=3, data=DataSource(name="synthetic"),
-                studies_dir=workdir / "studies", progress=False, heartbeat=2)
-    base.update(kw)
-    return RunSettings(**base)  # type: ignore[arg-type]
 
 
 def one_line_error(capsys: pytest.CaptureFixture) -> str:

@@ -14,6 +14,7 @@ from catdog_hpo.errors import UserError
 from catdog_hpo.search.objective import Budget
 from catdog_hpo.search.study import RunSettings, count, run
 from helpers import TINY_SPACE
+from study_factory import run_settings as settings, load_run_study as load
 
 TINY = TINY_SPACE
 
@@ -25,16 +26,6 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def settings(workdir: Path, **kw: object) -> RunSettings:
-    base = dict(study="s", storage=f"sqlite:///{workdir}/studies/t.db", space=str(workdir / "tiny.yaml"),
-                sampler="random", pruner="none", trials=3, data=DataSource(name="synthetic"),
-                studies_dir=workdir / "studies", progress=False, heartbeat=2)
-    base.update(kw)
-    return RunSettings(**base)  # type: ignore[arg-type]
-
-
-def load(s: RunSettings) -> optuna.Study:
-    return optuna.load_study(study_name=s.study, storage=s.storage)
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "grid"])

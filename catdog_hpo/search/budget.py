@@ -157,7 +157,8 @@ class Guard:
         self.where = f"{platform.node()}:{device}"
         self._calibration: Any = None
         self._nominal = False  # the calibration is NOMINAL, not measured here
-        self.too_late = 0  # configs in a row turned away because they would not finish in time
+        self.too_late = 0  # configs in a row turned away when even the cheapest seen would not fit
+        self.cheapest = math.inf  # seconds: the cheapest config this worker has been asked to admit
 
     def calibration(self, data: Any) -> Any:
         """The cost model's rates on this device: the study's stored calibration for this
@@ -212,7 +213,10 @@ class Guard:
         left = self.clock.left()
         if math.isinf(left):
             return predicted
-        self.too_late = self.too_late + 1 if predicted > left else 0
+        # The budget is done when what is left fits not even the cheapest config seen so far; a
+        # sampler that proposes a few big configs in a row with time left has not ended it.
+        self.cheapest = min(self.cheapest, predicted)
+        self.too_late = self.too_late + 1 if left < self.cheapest else 0
         if predicted > left:
             raise ConfigError(f"predicted {format_duration(predicted)} > the {format_duration(left)} "
                               f"left of --budget {format_duration(self.clock.budget_s or 0)}")

@@ -35,6 +35,7 @@ from catdog_hpo.data.provider import ImageProvider
 from catdog_hpo.search.objective import Budget, Goal, TrialFailed, run_trial
 from catdog_hpo.search.objectives import directions
 from catdog_hpo.search import optuna_compat
+from catdog_hpo.search.budget import format_duration
 from catdog_hpo.search.locks import study_lock
 from catdog_hpo.search.samplers import (MULTI_OBJECTIVE_PRUNERS, PRUNERS, SAMPLERS, SINGLE_OBJECTIVE_SAMPLERS,
                                         first_rung)
@@ -374,8 +375,8 @@ def work(settings: RunSettings, device: str, deadline: float | None,
         if on_trial_end is not None:
             on_trial_end()
         if guard.too_late >= _TOO_LATE_IN_A_ROW:  # the budget's end: what is left fits no trial
-            print(f"budget: {rejects_in_a_row} configs in a row would not finish in the time left; "
-                  "no more trials start", file=sys.stderr)
+            print(f"budget: the {format_duration(clock.left())} left fits not even the cheapest config seen "
+                  f"({format_duration(guard.cheapest)}); no more trials start", file=sys.stderr)
             return
         if rejects_in_a_row >= _MAX_REJECTS_IN_A_ROW:
             # The sampler keeps proposing configs the guards turn away: stop, say why.
