@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             r = run_study(Path(tmp), f"pruner-{pruner}", [*common, "--pruner", pruner])
             import optuna
 
+            from catdog_hpo.search.record import TrialKey
+
             study = optuna.load_study(study_name=r["name"], storage=f"sqlite:///{tmp}/{r['name']}.db")
-            r["pruned"] = sum(t.state.name == "PRUNED" and "rejected" not in t.user_attrs for t in study.trials)
+            r["pruned"] = sum(t.state.name == "PRUNED" and TrialKey.REJECTED not in t.user_attrs for t in study.trials)
             r["near_best_s"] = reached(r["curve"], None if r["best"] is None else r["best"] - 0.01)
             rows.append((pruner, r))
     print(f"\nTPE, --budget {budget} per pruner, seed {args.seed}, data {' '.join(data)}\n")
