@@ -122,17 +122,27 @@ def test_cost_model_within_2x_on_the_cpu() -> None:
     from catdog_hpo.engine.train import fit
 
     data = load_images(DataSource(name="synthetic"), 24, Path("studies/cache"))
-    cal = calibrate(data, torch.device("cpu"))
-    ratios = []
-    for channels, batch in [((8,), 64), ((16, 32), 64), ((16, 32, 64), 32), ((32, 32), 128)]:
-        model = ModelConfig(blocks=tuple(BlockConfig(c) for c in channels), head="gap", dropout=0.0)
-        cfg = TrialConfig(image_size=24, model=model, train=TrainConfig(epochs=2, batch_size=batch))
-        cost = model_cost(model, 2, 24)
-        w = workload(cfg, cost.flops, cost.params, 2, len(data.train_y), len(data.val_y))
-        # The quicker of two epochs: the steady cost, less of other processes' noise on a shared box.
-        measured = min(h.seconds for h in fit(cfg, data, torch.device("cpu")).history)
-        ratios.append(measured / cal.epoch_seconds(w))
-    assert all(0.5 <= r <= 2.0 for r in ratios), ratios
+
+    def ratios() -> list[float]:
+        cal = calibrate(data, torch.device("cpu"))
+        out = []
+        for channels, batch in [((8,), 64), ((16, 32), 64), ((16, 32, 64), 32), ((32, 32), 128)]:
+            model = ModelConfig(blocks=tuple(BlockConfig(c) for c in channels), head="gap", dropout=0.0)
+            cfg = TrialConfig(image_size=24, model=model, train=TrainConfig(epochs=2, batch_size=batch))
+            cost = model_cost(model, 2, 24)
+            w = workload(cfg, cost.flops, cost.params, 2, len(data.train_y), len(data.val_y))
+            # The quicker of two epochs: the steady cost, less of other processes' noise on a shared box.
+            measured = min(h.seconds for h in fit(cfg, data, torch.device("cpu")).history)
+            out.append(measured / cal.epoch_seconds(w))
+        return out
+
+    # Calibration and measurement are seconds apart; another process loading the cores in one and
+    # not the other skews the ratio (seen: 3.1x with a benchmark running beside the suite). Up to
+    # three tries, each calibrating afresh: a wrong model fails all three.
+    tries: list[list[float]] = []
+    while len(tries) < 3 and not (tries and all(0.5 <= r <= 2.0 for r in tries[-1])):
+        tries.append(ratios())
+    assert all(0.5 <= r <= 2.0 for r in tries[-1]), tries
 
 
 def test_trials_record_predicted_and_measured_seconds(workdir: Path) -> None:
