@@ -280,21 +280,26 @@ def with_train_overrides(cfg: TrialConfig, epochs: int | None = None, seed: int 
 # --------------------------------------------------------------------------- files
 
 
+def parse_file(path: Path, where: str) -> Any:
+    """The parsed content of a JSON (by suffix) or YAML file; missing or unparsable: a
+    ConfigError that starts with ``where``."""
+    if not path.is_file():
+        raise ConfigError(f"{where}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        import yaml  # lazy: only file-reading commands need it
+
+        return yaml.safe_load(text)
+    except Exception as exc:  # yaml, json and decoding raise many types; all mean "not parsable"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{where}: not valid {path.suffix.lstrip('.') or 'YAML'}: {first}") from None
+
+
 def read_mapping(path: Path) -> dict[str, Any]:
     """Read a YAML or JSON file into a dict; a missing or unparsable file is a ConfigError."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml  # lazy: only file-reading commands need it
-
-            data = yaml.safe_load(text)
-    except Exception as exc:  # yaml and json raise many types; all mean "not parsable"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {first}") from None
+    data = parse_file(path, str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

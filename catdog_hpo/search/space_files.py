@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from catdog_hpo.config import TrialConfig, from_dict, replace_path, to_dict
+from catdog_hpo.config import TrialConfig, from_dict, parse_file, replace_path, to_dict
 from catdog_hpo.errors import ConfigError, UserError
 from catdog_hpo.search.spaces import Dist, Space
 
@@ -250,20 +250,7 @@ def base_image_size(space: Space) -> int:
 def read_params_file(path: Path, flag: str = "--enqueue") -> tuple[dict[str, Any], ...]:
     """Parameter sets from a YAML/JSON file: one mapping of parameter -> value, a list of them,
     or an export file (its ``params``); a ConfigError naming ``flag`` otherwise."""
-    text_path = Path(path)
-    if not text_path.is_file():
-        raise ConfigError(f"{flag} {path}: no such file")
-    try:
-        text = text_path.read_text(encoding="utf-8")
-        if text_path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:  # yaml and json raise many types; all mean "not parsable"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{flag} {path}: not valid YAML/JSON: {first}") from None
+    data = parse_file(Path(path), f"{flag} {path}")
     if isinstance(data, dict) and isinstance(data.get("params"), dict):
         data = data["params"]  # an export file
     items = data if isinstance(data, list) else [data]

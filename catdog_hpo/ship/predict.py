@@ -78,6 +78,16 @@ def load_predictor(path: Path, device: torch.device) -> Predictor:
     return _LOADERS[kind](path, device)
 
 
+def _torch_forward(module: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Float32 CPU logits of a PyTorch-run model (checkpoint, TorchScript, pt2) on ``device``."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return module(x.to(device)).float().cpu()
+
+    return forward
+
+
 def _checkpoint_predictor(path: Path, device: torch.device) -> Predictor:
     import zipfile
 
@@ -88,11 +98,7 @@ def _checkpoint_predictor(path: Path, device: torch.device) -> Predictor:
     model, ck = load_model(path, device)
     meta = ModelMeta(classes=ck.classes, image_size=ck.image_size, mean=tuple(ck.mean), std=tuple(ck.std))
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(x.to(device)).float().cpu()
-
-    return Predictor("checkpoint", path, meta, device, forward)
+    return Predictor("checkpoint", path, meta, device, _torch_forward(model, device))
 
 
 def _torchscript_predictor(path: Path, device: torch.device) -> Predictor:
@@ -101,11 +107,7 @@ def _torchscript_predictor(path: Path, device: torch.device) -> Predictor:
     module, meta = load_torchscript(path)
     module = module.to(device)
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return module(x.to(device)).float().cpu()
-
-    return Predictor("torchscript", path, meta, device, forward)
+    return Predictor("torchscript", path, meta, device, _torch_forward(module, device))
 
 
 def _onnx_predictor(path: Path, device: torch.device) -> Predictor:
@@ -126,11 +128,7 @@ def _pt2_predictor(path: Path, device: torch.device) -> Predictor:
     module, meta = load_pt2(path)
     module = module.to(device)
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return module(x.to(device)).float().cpu()
-
-    return Predictor("pt2", path, meta, device, forward)
+    return Predictor("pt2", path, meta, device, _torch_forward(module, device))
 
 
 _LOADERS: dict[str, Callable[[Path, torch.device], Predictor]] = {
