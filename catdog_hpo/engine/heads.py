@@ -42,7 +42,9 @@ from catdog_hpo.engine.augment import augment_batch, normalize_batch
 
 FEATURE_VERSION = 1  # bump when extraction changes: old feature files are then simply not found
 VIEW_SEED = 1234  # seed of the cached augmented views (fixed: the views are part of the cache)
-EXTRACT_BATCH = 64  # images per backbone forward during extraction
+# Images per backbone forward during extraction. On a 2-core CPU small batches stay in cache:
+# EfficientNet-Lite0 at 224 px, channels_last, ran 25 img/s at 64, 53 at 32, 125-158 at 4-8.
+EXTRACT_BATCH = {"cpu": 8, "cuda": 256}
 _MEMO_SIZE = 4  # feature sets kept in this process (one per image size / augmentation in use)
 _MEMO: OrderedDict[str, FeatureSet] = OrderedDict()
 
@@ -98,11 +100,17 @@ def extract(model: nn.Module, images: torch.Tensor, device: torch.device, cfg: T
     model.eval()
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
+    batch = EXTRACT_BATCH.get(device.type, EXTRACT_BATCH["cpu"])
+    # NHWC: about 2x the NCHW rate of these depthwise convs on the CPU, cuDNN's fastest on CUDA
+    model.to(memory_format=torch.channels_last)
     out = []
-    for i in range(0, images.shape[0], EXTRACT_BATCH):
-        x = images[i:i + EXTRACT_BATCH].to(device)
-        x = normalize_batch(x) if cfg is None else augment_batch(x, cfg.augment, gen)
-        out.append(model.features(x).float().cpu())
+    try:
+        for i in range(0, images.shape[0], batch):
+            x = images[i:i + batch].to(device)
+            x = normalize_batch(x) if cfg is None else augment_batch(x, cfg.augment, gen)
+            out.append(model.features(x.contiguous(memory_format=torch.channels_last)).float().cpu())
+    finally:
+        model.to(memory_format=torch.contiguous_format)  # the weights the trial saves stay plain
     return torch.cat(out)
 
 
@@ -267,12 +275,13 @@ def head_cost(cfg: TrialConfig, num_classes: int) -> HeadCost:
                     layers=sum(1 for m in head.modules() if not any(True for _ in m.children())))
 
 
-def features_ready(cfg: TrialConfig, data: ImageSet) -> bool:
-    """True when this process already holds ``cfg``'s features of ``data`` (no extraction to pay)."""
+def features_ready(cfg: TrialConfig, data: ImageSet, cache_dir: Path | None = None) -> bool:
+    """True when ``cfg``'s features of ``data`` need no extraction: this process holds them, or
+    their file is in ``cache_dir`` (a read of a few MB; the memo keeps only a few sets)."""
     if not applies(cfg):
         return False
     try:
-        _path, fp = feature_path(Path("."), cfg, data)
+        path, fp = feature_path(Path(cache_dir or "."), cfg, data)
     except Exception:  # e.g. the weights file is missing: training will say so
         return False
-    return fp in _MEMO
+    return fp in _MEMO or (cache_dir is not None and path.is_file())

@@ -26,6 +26,7 @@ import platform
 import re
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -193,15 +194,16 @@ class Guard:
         storage.set_study_system_attr(sid, key, {**dataclasses.asdict(cal), "nominal": self._nominal})
         return cal
 
-    def admit(self, trial: optuna.Trial, cfg: Any, flops: int, params: int, data: Any) -> float:
+    def admit(self, trial: optuna.Trial, cfg: Any, flops: int, params: int, data: Any,
+              feature_cache: Path | None = None) -> float:
         """Predicted seconds of ``cfg`` (recorded on the trial); ConfigError with the reason when
-        the budget cannot afford it."""
+        the budget cannot afford it. ``feature_cache``: where frozen-backbone features are cached."""
         from catdog_hpo.engine.cost import workload
         from catdog_hpo.engine.heads import applies, features_ready
 
         cal = self.calibration(data)
         w = workload(cfg, flops, params, len(data.classes), len(data.train_y), len(data.val_y),
-                     features_cached=features_ready(cfg, data))
+                     features_cached=features_ready(cfg, data, feature_cache))
         raw_epoch = cal.epoch_seconds(w)
         predicted = cal.predict(w)
         trial.set_user_attr(TrialKey.PREDICTED_S, round(predicted, 3))

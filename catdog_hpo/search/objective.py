@@ -87,7 +87,8 @@ def run_trial(
         num_classes = len(images.get(cfg.image_size).classes)
         cost = check_cost(cfg, num_classes, budget)
         if guard is not None:
-            guard.admit(trial, cfg, cost[TrialKey.FLOPS], cost[TrialKey.N_PARAMS], images.get(cfg.image_size))
+            guard.admit(trial, cfg, cost[TrialKey.FLOPS], cost[TrialKey.N_PARAMS], images.get(cfg.image_size),
+                        images.cache_dir)
     except ConfigError as exc:
         reject(trial, str(exc))
         raise optuna.TrialPruned(f"rejected: {exc}") from None
