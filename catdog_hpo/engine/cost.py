@@ -157,9 +157,9 @@ def _solve(rows: list[tuple[Workload, float]]) -> Calibration:
         step_s = (a1 * t2 - a2 * t1) / det
         if inv_rate > 0 and step_s >= 0:
             return Calibration(flop_rate=1.0 / inv_rate, step_s=step_s)
-    # Unsolvable: timing noise, or the big net ran more flops per second than the tiny one (NHWC
-    # convolutions do). The tiny net's epoch is nearly all per-layer overhead: step_s from it,
-    # the rate from what the big net's epoch has left. (step_s = 0 once predicted a tiny net 7x low.)
+    # Unsolvable: timing noise, or the big net ran more flops per second than the tiny one. The
+    # tiny net's epoch is nearly all per-layer overhead: step_s from it, the rate from what the
+    # big net's epoch has left. (step_s = 0 here once predicted a tiny net 7x low.)
     (sa, sb, st), (ba, bb, bt) = sorted(((a1, b1, t1), (a2, b2, t2)))
     step_s = st / max(sb, 1.0)
     rest = bt - step_s * bb

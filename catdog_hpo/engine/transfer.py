@@ -263,12 +263,13 @@ IMAGENET_CLASSES = {"dog": range(151, 269), "cat": range(281, 286)}
 
 
 @torch.inference_mode()
-@torch.inference_mode()
-def imagenet_top1(model: nn.Module, images: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """Top-1 ImageNet class of each uint8 N x 3 x H x W image (model from ``imagenet_lite0``),
-    on the CPU in the extraction's fastest form (engine/heads.py EXTRACT_BATCH: small NHWC batches)."""
+def imagenet_top1(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Top-1 ImageNet class of each uint8 N x 3 x H x W image (model from ``imagenet_lite0``), on
+    the CPU in the feature extraction's fastest form (engine/heads.py: EXTRACT_BATCH, nhwc)."""
     from catdog_hpo.engine.augment import normalize_batch
+    from catdog_hpo.engine.heads import EXTRACT_BATCH, nhwc
 
-    model = model.eval().to(memory_format=torch.channels_last)
-    return torch.cat([model(normalize_batch(images[i:i + batch]).contiguous(memory_format=torch.channels_last)).argmax(1)
-                      for i in range(0, len(images), batch)])
+    batch = EXTRACT_BATCH["cpu"]
+    with nhwc(model.eval()):
+        return torch.cat([model(normalize_batch(images[i:i + batch]).contiguous(memory_format=torch.channels_last)).argmax(1)
+                          for i in range(0, len(images), batch)])
