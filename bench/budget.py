@@ -4,10 +4,13 @@ the same wall-clock budget, side by side (one after the other, so they never sha
     .venv/bin/python bench/budget.py                 # 60m each on ../shared/data/catdog-kaggle-3k
     .venv/bin/python bench/budget.py --quick         # 10m each
     .venv/bin/python bench/budget.py --dataset synthetic --space quick --budget 30s   # smoke
+    .venv/bin/python bench/budget.py --out runs/b60 --only tpe    # one study now, kept in runs/b60;
+    .venv/bin/python bench/budget.py --out runs/b60               # the other later, then the table
 
 Prints a markdown table: wall time, finished trials, configs turned away by the guard, best val
 accuracy, points over the baseline, and when TPE first reached random's final best (fraction of
-the budget). Each run goes to its own fresh store under a temporary folder.
+the budget). Each run goes to its own fresh store under a temporary folder, or under --out, where
+a study whose store is already there is read, not run again.
 """
 
 from __future__ import annotations
@@ -46,12 +49,17 @@ def run_study(workdir: Path, name: str, flags: list[str]) -> dict[str, Any]:
     from catdog_hpo.search.study import baseline_trial, counts_toward_n
 
     storage = f"sqlite:///{workdir}/{name}.db"
-    start = time.time()
-    proc = subprocess.run([*CLI, "run", "--study", name, "--storage", storage, "--no-progress", *flags],
-                          cwd=workdir, capture_output=True, text=True)
-    wall = time.time() - start
-    if proc.returncode not in (0, 1):
-        raise SystemExit(f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
+    wall_file = workdir / f"{name}.wall_s"
+    if not wall_file.exists():
+        (workdir / f"{name}.db").unlink(missing_ok=True)  # an unfinished earlier run: start afresh
+        start = time.time()
+        proc = subprocess.run([*CLI, "run", "--study", name, "--storage", storage, "--no-progress", *flags],
+                              cwd=workdir, capture_output=True, text=True)
+        if proc.returncode not in (0, 1):
+            raise SystemExit(f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
+        wall_file.write_text(f"{time.time() - start:.1f}\n")
+        (workdir / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    wall = float(wall_file.read_text())
     study = optuna.load_study(study_name=name, storage=storage)
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
@@ -85,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="image folder (default: ../shared/data/catdog-kaggle-3k)")
     p.add_argument("--dataset", default=None, help="a built-in dataset instead (synthetic for a smoke run)")
     p.add_argument("--space", default=None, help="search space (default: the run command's)")
+    p.add_argument("--out", default=None, help="keep the stores and logs here; a study already there is read, not rerun")
+    p.add_argument("--only", choices=["tpe", "random"], default=None, help="run just this study (with --out)")
     args = p.parse_args(argv)
     budget = args.budget or ("10m" if args.quick else "60m")
     data = data_flags(args)
@@ -95,9 +105,20 @@ def main(argv: list[str] | None = None) -> int:
 
     budget_s = parse_duration(budget)
     common = [*data, "--trials", str(args.trials), "--budget", budget] + (["--space", args.space] if args.space else [])
+    if args.only and not args.out:
+        p.error("--only needs --out (the other study runs later into the same folder)")
+    studies = {"tpe": ("tpe-default", [*common, "--sampler", "tpe"]),
+               "random": ("random-nopruning", [*common, "--sampler", "random", "--pruner", "none"])}
     with tempfile.TemporaryDirectory(prefix="catdog-bench-budget-") as tmp:
-        tpe = run_study(Path(tmp), "tpe-default", [*common, "--sampler", "tpe"])
-        rnd = run_study(Path(tmp), "random-nopruning", [*common, "--sampler", "random", "--pruner", "none"])
+        out = Path(args.out) if args.out else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.only:
+            r = run_study(out, *studies[args.only])
+            print(f"{r['name']}: {r['finished']} finished, {r['rejected']} turned away, best {fmt(r['best'], '.4f')}, "
+                  f"{fmt(r['over_baseline'], '+.1f')} over the baseline, {r['wall']:.0f} s")
+            return 0
+        tpe = run_study(out, *studies["tpe"])
+        rnd = run_study(out, *studies["random"])
     when = reached(tpe["curve"], rnd["best"])
     print(f"\nbudget {format_duration(budget_s)} per study, --trials {args.trials}, data {' '.join(data)}\n")
     print("| study | wall (s) | budget spent (s) | finished trials | turned away | best val acc | points over baseline | reached random's best at |")

@@ -92,13 +92,33 @@ def first_rung(epochs: int) -> int:
     return max(2, min(epochs - 1, round(epochs / 4)))
 
 
+def sha_first_rung(epochs: int) -> int:
+    """ASHA's and Hyperband's minimum resource. From 9 epochs on it is 1 epoch (rungs at 1, 3, 9,
+    ...): each rung keeps the best third, so a trial costs about 3 epochs on average, the economy
+    a budget of 100 trials in an hour on a CPU needs (bench/budget.py); a rung keeps a third rather
+    than pruning below a median, so one noisy epoch drops only the clearly lagging. Shorter
+    trials keep first_rung's (a ladder of 1, 3 in 6 epochs would judge half the trial on noise)."""
+    return 1 if epochs >= 9 else first_rung(epochs)
+
+
+def first_decision(pruner: str, epochs: int) -> int | None:
+    """The first epoch ``pruner`` may stop a trial at (None: it never does); the budget guard
+    weighs a config's cost up to here against its fair share."""
+    if pruner in ("sha", "hyperband"):
+        return sha_first_rung(epochs)
+    if pruner in ("median", "patient"):
+        return first_rung(epochs)
+    return None
+
+
 PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
     # Optuna's n_warmup_steps: "the earliest a trial can be pruned is at step == n_warmup_steps".
     "median": lambda epochs: optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=first_rung(epochs)),
-    # ASHA / Hyperband rungs at first_rung x 3^k epochs (e.g. 10 epochs: rungs at 2 and 6).
-    "sha": lambda epochs: optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung(epochs), reduction_factor=3),
+    # ASHA / Hyperband rungs at sha_first_rung x 3^k epochs (20 epochs: rungs at 1, 3 and 9).
+    "sha": lambda epochs: optuna.pruners.SuccessiveHalvingPruner(min_resource=sha_first_rung(epochs),
+                                                                 reduction_factor=3),
     "hyperband": lambda epochs: optuna.pruners.HyperbandPruner(
-        min_resource=first_rung(epochs), max_resource=max(epochs, 2), reduction_factor=3),
+        min_resource=sha_first_rung(epochs), max_resource=max(epochs, 2), reduction_factor=3),
     "patient": lambda epochs: optuna.pruners.PatientPruner(
         optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=first_rung(epochs)), patience=1),
     "none": lambda epochs: optuna.pruners.NopPruner(),

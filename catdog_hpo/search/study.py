@@ -38,7 +38,7 @@ from catdog_hpo.search import optuna_compat
 from catdog_hpo.search.budget import format_duration
 from catdog_hpo.search.locks import study_lock
 from catdog_hpo.search.samplers import (MULTI_OBJECTIVE_PRUNERS, PRUNERS, SAMPLERS, SINGLE_OBJECTIVE_SAMPLERS,
-                                        first_rung)
+                                        first_decision, first_rung)
 from catdog_hpo.search.record import SAMPLER_STREAMS, StudyInfo, StudyKey, TrialKey
 from catdog_hpo.search.space_files import base_image_size, load_space
 from catdog_hpo.search.spaces import Space, grid_points
@@ -402,8 +402,8 @@ def _budget_guard(settings: RunSettings, study: optuna.Study, device: str, epoch
     from catdog_hpo.search.budget import Guard, Plan, StudyClock, resolve_budget
 
     clock = StudyClock(study, resolve_budget(study, settings.time_budget))
-    decided_at = first_rung(epochs) if settings.pruner not in ("none", "pareto") else None
-    plan = Plan(trials=settings.trials, workers=settings.workers, decided_at=decided_at)
+    plan = Plan(trials=settings.trials, workers=settings.workers,
+                decided_at=first_decision(settings.pruner, epochs))
     return clock, Guard(study, clock, plan, torch.device(device))
 
 
