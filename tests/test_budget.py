@@ -182,6 +182,17 @@ def test_a_sampler_stuck_on_rejected_configs_stops_with_a_message(workdir: Path,
     assert "configs were all turned away before training" in capsys.readouterr().err
 
 
+def test_rejections_tolerated_in_a_row_follow_the_share_admitted() -> None:
+    from catdog_hpo.search.study import rejects_tolerated
+
+    assert rejects_tolerated(0, 0) == 25  # nothing admitted yet: a stuck sampler stops at 25
+    assert rejects_tolerated(90, 110) == 25  # most admitted: 25 refusals in a row is no accident
+    # Random search admitting 7 of 77: 25 in a row happens by chance (0.91^25 ~ 10%); it goes on
+    # until a run with under 1% chance (44), and never past 500.
+    assert rejects_tolerated(7, 77) == 44 and 0.91 ** 44 < 0.02
+    assert rejects_tolerated(1, 10_000) == 500
+
+
 # --------------------------------------------------------------------------- baseline, enqueue
 
 
@@ -239,6 +250,16 @@ def test_pruners_never_act_on_epoch_one() -> None:
         pruner = PRUNERS[name](10)
         inner = getattr(pruner, "_wrapped_pruner", pruner)
         assert inner._n_warmup_steps == 2
+
+
+def test_sha_rungs_start_at_epoch_one_only_for_long_trials() -> None:
+    from catdog_hpo.search.samplers import first_decision
+
+    # 20 epochs (seed-cnn): rungs at 1, 3, 9; 6 epochs (quick): rungs at 2 and 6.
+    assert PRUNERS["sha"](20)._min_resource == 1 and PRUNERS["sha"](6)._min_resource == 2
+    assert PRUNERS["hyperband"](20)._min_resource == 1
+    assert first_decision("sha", 20) == 1 and first_decision("median", 20) == 5
+    assert first_decision("none", 20) is None and first_decision("pareto", 20) is None
 
 
 # --------------------------------------------------------------------------- validation is never the test set

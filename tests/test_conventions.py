@@ -239,6 +239,25 @@ def test_journal_read_commands_refuse_a_missing_file(workdir: Path, capsys: pyte
 # --------------------------------------------------------------------------- delete and copy
 
 
+def test_studies_delete_removes_the_trials_artifact_files(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    from catdog_hpo.search.artifacts import artifact_store, upload_training_curves
+
+    url = f"sqlite:///{workdir}/studies/catdog.db"
+    (workdir / "studies").mkdir(exist_ok=True)
+    store = artifact_store(workdir / "studies")
+    history = [{"epoch": 1, "train_loss": 0.7, "val_loss": 0.6, "val_acc": 0.6, "seconds": 1.0, "lr": 1e-3}]
+    for name in ("drop", "keep"):
+        study = optuna.create_study(study_name=name, storage=url, direction="maximize")
+        trial = study.ask()
+        upload_training_curves(study, trial, history, store)  # as the objective does, while it runs
+        study.tell(trial, 0.6)
+    files = lambda: sorted(p for p in (workdir / "studies" / "artifacts").rglob("*") if p.is_file())  # noqa: E731
+    assert len(files()) == 4  # an SVG and a CSV per study
+    assert main(["studies", "--storage", url, "delete", "drop", "--yes"]) == 0
+    assert "and its 2 artifact files" in capsys.readouterr().out
+    assert len(files()) == 2  # the kept study's stay
+
+
 def test_studies_delete_asks_and_copy(workdir: Path, monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture) -> None:
     url = f"sqlite:///{workdir}/studies/catdog.db"

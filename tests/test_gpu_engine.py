@@ -103,16 +103,14 @@ def test_validation_is_fp32_and_counts_every_image_once(data: ImageSet) -> None:
     assert acc.item() == pytest.approx((logits.argmax(1) == data.val_y).float().mean().item())
 
 
-def test_padded_validation_shapes() -> None:
+def test_padded_validation_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import catdog_hpo.engine.runtime as runtime_module
+
     d = tiny_set(n_val=7)
     xn, y, batch = train_module._validation(d, CPU, Runtime())
     assert batch == 7 and xn.shape[0] == 7 and (y >= 0).all()
-    old = train_module.VAL_CHUNK_VALUES
-    try:
-        train_module.VAL_CHUNK_VALUES = 3 * SIZE * SIZE * 3  # 3 images per batch
-        xn, y, batch = train_module._validation(d, CPU, Runtime(channels_last=True))
-    finally:
-        train_module.VAL_CHUNK_VALUES = old
+    monkeypatch.setattr(runtime_module, "VAL_CHUNK_VALUES", 3 * SIZE * SIZE * 3)  # 3 images per batch
+    xn, y, batch = train_module._validation(d, CPU, Runtime(channels_last=True))
     assert batch == 3 and xn.shape[0] == 9 and (y[7:] == -100).all() and (xn[7:] == 0).all()
     assert xn.is_contiguous(memory_format=torch.channels_last)
 

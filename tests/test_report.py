@@ -111,6 +111,15 @@ def test_best_so_far_is_the_running_best(store) -> None:
     assert minutes == sorted(minutes) and minutes[0] >= 0 and y_time[-1] == study.best_value
 
 
+def test_best_so_far_of_a_multi_objective_study_is_its_accuracy() -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"])  # accuracy, params
+    for acc, params in [(0.6, 10.0), (0.8, 500.0), (0.7, 5.0)]:
+        trial = study.ask()
+        study.tell(trial, [acc, params])
+    assert best_so_far(study, "trial") == ([0.0, 1.0, 2.0], [0.6, 0.8, 0.8])
+    assert best_so_far(study, "time")[1] == [0.6, 0.8, 0.8]
+
+
 def test_trials_csv_has_every_trial_and_flattened_user_attrs(store, tmp_path: Path) -> None:
     _, storage = store
     files = write_report(storage, "demo", out_dir=tmp_path)

@@ -398,3 +398,21 @@ def test_missing_extra_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(UserError) as info:
             call()
         assert "\n" not in str(info.value) and 'pip install -e ".[pretrained]"' in str(info.value)
+
+
+def test_a_space_needing_the_pretrained_extra_is_refused_before_the_study(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the [pretrained] extra, `run --space transfer` stops at once with the install
+    command (it used to create the study and fail every trial with it)."""
+    from catdog_hpo.search.study import run
+
+    from study_factory import run_settings
+
+    def missing() -> None:
+        raise UserError(f"model.family efficientnet_lite0 needs timm: {pretrained.INSTALL_HINT}")
+
+    monkeypatch.setattr(pretrained, "require_timm", missing)
+    s = run_settings(tmp_path, space="transfer", trials=2)
+    with pytest.raises(UserError, match=r"pip install -e \"\.\[pretrained\]\""):
+        run(s)
+    assert not (tmp_path / "studies" / "t.db").exists()  # refused before a store was made

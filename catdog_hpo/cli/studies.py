@@ -79,8 +79,13 @@ def _delete(args: argparse.Namespace) -> int:
         if answer not in ("y", "yes"):
             print("not deleted")
             return 1
+    from catdog_hpo.cli.common import STUDIES_DIR
+    from catdog_hpo.search.artifacts import artifact_store, remove_study_artifacts
+
+    # The trials' training-curve files live beside the store, not in it: remove them first.
+    removed = remove_study_artifacts(study, artifact_store(STUDIES_DIR)) if (STUDIES_DIR / "artifacts").is_dir() else 0
     optuna.delete_study(study_name=args.name, storage=storage)
-    print(f"deleted {what}")
+    print(f"deleted {what}" + (f" and its {removed} artifact files" if removed else ""))
     return 0
 
 

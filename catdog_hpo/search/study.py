@@ -316,6 +316,7 @@ def open_study(settings: RunSettings, device: str) -> Opened:
     import torch
 
     space = load_space(settings.space)
+    _check_installed(space, overrides_of(settings))
     if settings.enqueue:  # the user's configs are points of this space, checked before anything runs
         from catdog_hpo.search.space_files import check_params
 
@@ -328,6 +329,26 @@ def open_study(settings: RunSettings, device: str) -> Opened:
     storage = open_run_storage(settings.storage, settings.heartbeat)
     study, grid = create_or_resume(settings, storage, space, fingerprint)
     return Opened(space, storage, study, grid, images)
+
+
+def _check_installed(space: Space, overrides: dict[str, Any]) -> None:
+    """A space whose models need an optional extra is refused before the study starts, with the
+    install command, instead of failing every trial. Judged on the space's baseline (or its base
+    config): the families a space searches share their needs."""
+    import copy
+
+    from catdog_hpo.config import TrialConfig, from_dict, replace_path
+    from catdog_hpo.engine.models import check_installed
+    from catdog_hpo.search.spaces import resolve
+
+    if space.baseline is not None:
+        cfg = resolve(space, optuna.trial.FixedTrial(space.baseline), overrides)
+    else:
+        fixed = copy.deepcopy(space.base)
+        for path, value in overrides.items():
+            replace_path(fixed, path, value)
+        cfg = from_dict(TrialConfig, fixed)
+    check_installed(cfg.model)
 
 
 def work(settings: RunSettings, device: str, deadline: float | None,
@@ -355,7 +376,7 @@ def work(settings: RunSettings, device: str, deadline: float | None,
     store = artifact_store(settings.studies_dir)
     overrides = overrides_of(settings)
     clock, guard = _budget_guard(settings, study, device, _epochs_of(space, settings))
-    fails_in_a_row = rejects_in_a_row = 0
+    fails_in_a_row = rejects_in_a_row = proposed = admitted = 0
     while deadline is None or time.time() < deadline:
         interrupts.check()  # a signal that came during the last trial's store writes
         trial = claim_trial(study, storage, settings, grid, clock)
@@ -372,13 +393,14 @@ def work(settings: RunSettings, device: str, deadline: float | None,
         fails_in_a_row = fails_in_a_row + 1 if state == TrialState.FAIL else 0
         rejected = trial.user_attrs.get(TrialKey.REJECTED) if state == TrialState.PRUNED else None
         rejects_in_a_row = rejects_in_a_row + 1 if rejected else 0
+        proposed, admitted = proposed + 1, admitted + (not rejected)
         if on_trial_end is not None:
             on_trial_end()
         if guard.too_late >= _TOO_LATE_IN_A_ROW:  # the budget's end: what is left fits no trial
             print(f"budget: the {format_duration(clock.left())} left fits not even the cheapest config seen "
                   f"({format_duration(guard.cheapest)}); no more trials start", file=sys.stderr)
             return
-        if rejects_in_a_row >= _MAX_REJECTS_IN_A_ROW:
+        if rejects_in_a_row >= rejects_tolerated(admitted, proposed - rejects_in_a_row):
             # The sampler keeps proposing configs the guards turn away: stop, say why.
             left = clock.left()
             hint = ("the budget left is too small for the configs this space proposes"
@@ -391,7 +413,20 @@ def work(settings: RunSettings, device: str, deadline: float | None,
                             f"catdog-hpo show --study {settings.study}")
 
 
-_MAX_REJECTS_IN_A_ROW = 25  # configs turned away in a row (each costs ~ms) before a worker gives up
+_MIN_REJECTS_IN_A_ROW = 25  # configs turned away in a row (each costs ~0.1 s) before a worker may give up
+_MAX_REJECTS_IN_A_ROW = 500  # ... and before it surely does (~1 minute of sampling)
+
+
+def rejects_tolerated(admitted: int, proposed: int) -> int:
+    """Configs turned away in a row before this worker stops: a run of refusals that had under
+    1% chance at the share of the ``proposed`` configs before the run that were ``admitted``
+    (Laplace's estimate: none before the run gives 1/2, so 25), 25 to 500. A
+    learning sampler (TPE) that keeps proposing refused configs stops after 25; random search,
+    which never learns, with 7% of its configs admitted (measured) turns away 25 in a row about
+    one time in six by chance, and ended a 60-minute study at 7 minutes under a flat limit of 25."""
+    p = (admitted + 1) / (proposed + 2)
+    run = math.ceil(math.log(0.01) / math.log1p(-p)) if p < 1 else 1
+    return max(_MIN_REJECTS_IN_A_ROW, min(_MAX_REJECTS_IN_A_ROW, run))
 _TOO_LATE_IN_A_ROW = 3  # configs in a row that would not finish in the budget left: the budget is done
 
 

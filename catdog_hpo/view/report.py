@@ -201,13 +201,16 @@ def compare_figure(studies: Sequence[optuna.Study], against: str) -> go.Figure:
 
 
 def best_so_far(study: optuna.Study, against: str) -> tuple[list[float], list[float]]:
-    """(x, best-so-far) over the study's completed trials, in completion order for ``"time"``."""
+    """(x, best-so-far of the first objective) over the study's completed trials, in completion
+    order for ``"time"``."""
     from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
+    # A multi-objective study (--objectives accuracy,...) is compared on its first objective,
+    # accuracy: the quantity every study of the product shares.
     trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    pick = max if study.direction == StudyDirection.MAXIMIZE else min
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
+    pick = max if study.directions[0] == StudyDirection.MAXIMIZE else min
     if against == "trial":
         done.sort(key=lambda t: t.number)
         xs = [float(t.number) for t in done]
@@ -217,7 +220,7 @@ def best_so_far(study: optuna.Study, against: str) -> tuple[list[float], list[fl
         xs = [(t.datetime_complete - start).total_seconds() / 60.0 for t in done]  # minutes
     best: list[float] = []
     for t in done:
-        best.append(t.value if not best else pick(best[-1], t.value))
+        best.append(t.values[0] if not best else pick(best[-1], t.values[0]))
     return xs, best
 
 
