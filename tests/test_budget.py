@@ -183,7 +183,7 @@ def test_a_sampler_stuck_on_rejected_configs_stops_with_a_message(workdir: Path,
 
 
 def test_rejections_tolerated_in_a_row_follow_the_share_admitted() -> None:
-    from catdog_hpo.search.study import rejects_tolerated
+    from catdog_hpo.search.budget import rejects_tolerated
 
     assert rejects_tolerated(0, 0) == 25  # nothing admitted yet: a stuck sampler stops at 25
     assert rejects_tolerated(90, 110) == 25  # most admitted: 25 refusals in a row is no accident

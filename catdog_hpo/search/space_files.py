@@ -257,3 +257,24 @@ def read_params_file(path: Path, flag: str = "--enqueue") -> tuple[dict[str, Any
     if not items or not all(isinstance(p, dict) and p for p in items):
         raise ConfigError(f"{flag} {path}: expected a mapping of parameter names to values, or a list of them")
     return tuple(dict(p) for p in items)
+
+
+def check_installed(space: Space, overrides: dict[str, Any]) -> None:
+    """A space whose models need an optional extra is refused before the study starts, with the
+    install command, instead of failing every trial. Judged on the space's baseline (or its base
+    config): the families a space searches share their needs."""
+    import copy
+
+    import optuna  # FixedTrial replays the baseline (only the run command gets here)
+
+    from catdog_hpo.engine.models import check_installed as check_model_installed
+    from catdog_hpo.search.spaces import resolve
+
+    if space.baseline is not None:
+        cfg = resolve(space, optuna.trial.FixedTrial(space.baseline), overrides)
+    else:
+        fixed = copy.deepcopy(space.base)
+        for path, value in overrides.items():
+            replace_path(fixed, path, value)
+        cfg = from_dict(TrialConfig, fixed)
+    check_model_installed(cfg.model)

@@ -35,12 +35,12 @@ from catdog_hpo.data.provider import ImageProvider
 from catdog_hpo.search.objective import Budget, Goal, TrialFailed, run_trial
 from catdog_hpo.search.objectives import directions
 from catdog_hpo.search import optuna_compat
-from catdog_hpo.search.budget import format_duration
+from catdog_hpo.search.budget import format_duration, rejects_tolerated
 from catdog_hpo.search.locks import study_lock
 from catdog_hpo.search.samplers import (MULTI_OBJECTIVE_PRUNERS, PRUNERS, SAMPLERS, SINGLE_OBJECTIVE_SAMPLERS,
                                         first_decision, first_rung)
 from catdog_hpo.search.record import SAMPLER_STREAMS, StudyInfo, StudyKey, TrialKey
-from catdog_hpo.search.space_files import base_image_size, load_space
+from catdog_hpo.search.space_files import base_image_size, check_installed, load_space
 from catdog_hpo.search.spaces import Space, grid_points
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -316,7 +316,7 @@ def open_study(settings: RunSettings, device: str) -> Opened:
     import torch
 
     space = load_space(settings.space)
-    _check_installed(space, overrides_of(settings))
+    check_installed(space, overrides_of(settings))
     if settings.enqueue:  # the user's configs are points of this space, checked before anything runs
         from catdog_hpo.search.space_files import check_params
 
@@ -329,26 +329,6 @@ def open_study(settings: RunSettings, device: str) -> Opened:
     storage = open_run_storage(settings.storage, settings.heartbeat)
     study, grid = create_or_resume(settings, storage, space, fingerprint)
     return Opened(space, storage, study, grid, images)
-
-
-def _check_installed(space: Space, overrides: dict[str, Any]) -> None:
-    """A space whose models need an optional extra is refused before the study starts, with the
-    install command, instead of failing every trial. Judged on the space's baseline (or its base
-    config): the families a space searches share their needs."""
-    import copy
-
-    from catdog_hpo.config import TrialConfig, from_dict, replace_path
-    from catdog_hpo.engine.models import check_installed
-    from catdog_hpo.search.spaces import resolve
-
-    if space.baseline is not None:
-        cfg = resolve(space, optuna.trial.FixedTrial(space.baseline), overrides)
-    else:
-        fixed = copy.deepcopy(space.base)
-        for path, value in overrides.items():
-            replace_path(fixed, path, value)
-        cfg = from_dict(TrialConfig, fixed)
-    check_installed(cfg.model)
 
 
 def work(settings: RunSettings, device: str, deadline: float | None,
@@ -413,20 +393,6 @@ def work(settings: RunSettings, device: str, deadline: float | None,
                             f"catdog-hpo show --study {settings.study}")
 
 
-_MIN_REJECTS_IN_A_ROW = 25  # configs turned away in a row (each costs ~0.1 s) before a worker may give up
-_MAX_REJECTS_IN_A_ROW = 500  # ... and before it surely does (~1 minute of sampling)
-
-
-def rejects_tolerated(admitted: int, proposed: int) -> int:
-    """Configs turned away in a row before this worker stops: a run of refusals that had under
-    1% chance at the share of the ``proposed`` configs before the run that were ``admitted``
-    (Laplace's estimate: none before the run gives 1/2, so 25), 25 to 500. A
-    learning sampler (TPE) that keeps proposing refused configs stops after 25; random search,
-    which never learns, with 7% of its configs admitted (measured) turns away 25 in a row about
-    one time in six by chance, and ended a 60-minute study at 7 minutes under a flat limit of 25."""
-    p = (admitted + 1) / (proposed + 2)
-    run = math.ceil(math.log(0.01) / math.log1p(-p)) if p < 1 else 1
-    return max(_MIN_REJECTS_IN_A_ROW, min(_MAX_REJECTS_IN_A_ROW, run))
 _TOO_LATE_IN_A_ROW = 3  # configs in a row that would not finish in the budget left: the budget is done
 
 
