@@ -17,7 +17,8 @@ from catdog_hpo.errors import ConfigError, UserError
 from catdog_hpo.search.budget import format_duration, parse_duration, spent_seconds, union_length
 from catdog_hpo.search.objective import Budget
 from catdog_hpo.search.record import StudyKey, TrialKey
-from catdog_hpo.search.study import PRUNERS, RunSettings, count, first_rung, run
+from catdog_hpo.search.samplers import first_rung
+from catdog_hpo.search.study import PRUNERS, RunSettings, count, run
 from helpers import TINY_SPACE
 from study_factory import run_settings as settings, load_run_study as load
 
@@ -253,13 +254,13 @@ def test_pruners_never_act_on_epoch_one() -> None:
 
 
 def test_sha_rungs_start_at_epoch_one_only_for_long_trials() -> None:
-    from catdog_hpo.search.samplers import first_decision
+    from catdog_hpo.search.samplers import FIRST_DECISION
 
     # 20 epochs (seed-cnn): rungs at 1, 3, 9; 6 epochs (quick): rungs at 2 and 6.
     assert PRUNERS["sha"](20)._min_resource == 1 and PRUNERS["sha"](6)._min_resource == 2
     assert PRUNERS["hyperband"](20)._min_resource == 1
-    assert first_decision("sha", 20) == 1 and first_decision("median", 20) == 5
-    assert first_decision("none", 20) is None and first_decision("pareto", 20) is None
+    assert FIRST_DECISION["sha"](20) == 1 and FIRST_DECISION["median"](20) == 5
+    assert FIRST_DECISION["none"](20) is None and FIRST_DECISION["pareto"](20) is None
 
 
 # --------------------------------------------------------------------------- validation is never the test set

@@ -101,16 +101,6 @@ def sha_first_rung(epochs: int) -> int:
     return 1 if epochs >= 9 else first_rung(epochs)
 
 
-def first_decision(pruner: str, epochs: int) -> int | None:
-    """The first epoch ``pruner`` may stop a trial at (None: it never does); the budget guard
-    weighs a config's cost up to here against its fair share."""
-    if pruner in ("sha", "hyperband"):
-        return sha_first_rung(epochs)
-    if pruner in ("median", "patient"):
-        return first_rung(epochs)
-    return None
-
-
 PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
     # Optuna's n_warmup_steps: "the earliest a trial can be pruned is at step == n_warmup_steps".
     "median": lambda epochs: optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=first_rung(epochs)),
@@ -127,4 +117,11 @@ PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
     "pareto": lambda epochs: optuna.pruners.NopPruner(),
 }
 check_registry("pruners", PRUNERS, choices.PRUNERS)
+# The first epoch each pruner may stop a trial at (None: never), from the trial's epochs; the
+# budget guard weighs a config's cost up to there against its fair share.
+FIRST_DECISION: dict[str, Callable[[int], int | None]] = {
+    "median": first_rung, "patient": first_rung, "sha": sha_first_rung, "hyperband": sha_first_rung,
+    "none": lambda epochs: None, "pareto": lambda epochs: None,
+}
+check_registry("first decisions", FIRST_DECISION, choices.PRUNERS)
 MULTI_OBJECTIVE_PRUNERS = ("pareto", "none")  # the PRUNERS a multi-objective study may use
