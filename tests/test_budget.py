@@ -116,6 +116,39 @@ def test_out_of_budget_configs_are_turned_away_with_the_reason(workdir: Path) ->
     assert all(t.constraints.get("turned_away", 0) > 0 for t in rejected)
 
 
+def test_the_fair_share_weighs_a_configs_expected_cost_under_the_pruner() -> None:
+    # One 20-epoch config whose epoch costs X seconds, a budget of 50 X for 20 trials: a fair share
+    # of 50 X / 20 x SHARE_SLACK = 5 X. Under SHA (2.74 epochs on average) it fits; under the
+    # median rule (12.5 epochs) or no pruner (all 20) it is turned away, with why.
+    from catdog_hpo.data import ImageSet
+    from catdog_hpo.engine.cost import Calibration, workload
+    from catdog_hpo.engine.models import model_cost
+    from catdog_hpo.search.budget import Guard, Plan, StudyClock
+    from catdog_hpo.search.samplers import EXPECTED_EPOCHS
+
+    model = ModelConfig(blocks=(BlockConfig(8),), head="gap")
+    cfg = TrialConfig(image_size=16, model=model, train=TrainConfig(epochs=20, batch_size=32))
+    cost = model_cost(model, 2, 16)
+    data = ImageSet(torch.zeros(64, 3, 16, 16, dtype=torch.uint8), torch.zeros(64, dtype=torch.long),
+                    torch.zeros(16, 3, 16, 16, dtype=torch.uint8), torch.zeros(16, dtype=torch.long), ("a", "b"), "")
+    cal = Calibration(flop_rate=1e9, step_s=1e-4, act_s=1e-9)
+    epoch_s = cal.epoch_seconds(workload(cfg, cost.flops, cost.params, 2, 64, 16))
+
+    def admit(pruner: str) -> str:
+        study = optuna.create_study()
+        guard = Guard(study, StudyClock(study, 50 * epoch_s), Plan(20, 1, EXPECTED_EPOCHS[pruner]), torch.device("cpu"))
+        guard._calibration = cal
+        try:
+            guard.admit(study.ask(), cfg, cost.flops, cost.params, data)
+        except ConfigError as exc:
+            return str(exc)
+        return "admitted"
+
+    assert admit("sha") == "admitted"
+    for pruner in ("median", "none"):
+        assert admit(pruner).startswith("expected") and "fair share" in admit(pruner)
+
+
 # --------------------------------------------------------------------------- the cost model
 
 
@@ -254,13 +287,18 @@ def test_pruners_never_act_on_epoch_one() -> None:
 
 
 def test_sha_rungs_start_at_epoch_one_only_for_long_trials() -> None:
-    from catdog_hpo.search.samplers import FIRST_DECISION
+    from catdog_hpo.search.samplers import EXPECTED_EPOCHS
 
     # 20 epochs (seed-cnn): rungs at 1, 3, 9; 6 epochs (quick): rungs at 2 and 6.
     assert PRUNERS["sha"](20)._min_resource == 1 and PRUNERS["sha"](6)._min_resource == 2
     assert PRUNERS["hyperband"](20)._min_resource == 1
-    assert FIRST_DECISION["sha"](20) == 1 and FIRST_DECISION["median"](20) == 5
-    assert FIRST_DECISION["none"](20) is None and FIRST_DECISION["pareto"](20) is None
+    # Expected epochs per trial, what the guard weighs: SHA 1 + 2/3 + 6/9 + 11/27; median: all to
+    # epoch 5, half of the rest; Hyperband between SHA and all; no pruner: all.
+    assert EXPECTED_EPOCHS["sha"](20) == pytest.approx(1 + 2 / 3 + 6 / 9 + 11 / 27)
+    assert EXPECTED_EPOCHS["sha"](6) == pytest.approx(2 + 4 / 3)  # rungs at 2 and 6
+    assert EXPECTED_EPOCHS["median"](20) == 12.5
+    assert EXPECTED_EPOCHS["sha"](20) < EXPECTED_EPOCHS["hyperband"](20) < 20
+    assert EXPECTED_EPOCHS["none"](20) == EXPECTED_EPOCHS["pareto"](20) == 20
 
 
 # --------------------------------------------------------------------------- validation is never the test set

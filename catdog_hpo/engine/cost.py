@@ -3,15 +3,20 @@
 An epoch's seconds are modelled as
 
     compute  (3 x forward FLOPs x train images + forward FLOPs x val images) / flop_rate
+  + memory   (3 x activations x train images + activations x val images) x act_s
+             (activations: output values of every layer per image; batch norm, activations,
+             pooling and the convolutions' own reads and writes are memory-bound: on a CPU they
+             cost as much as the arithmetic; without this term a wide shallow net at batch 128
+             was predicted 3.1x low, with it 0.84-1.5x over 14 sampled seed-cnn configs)
   + steps    (train batches + val batches) x layers x step_s  (per-layer, per-batch overhead: kernel
              launches, framework dispatch; it dominates small, deep nets on a CPU)
   + update   train batches x params x UPDATE_FLOPS / flop_rate   (the optimizer touching every weight)
 
-``flop_rate`` (FLOP/s) and ``step_s`` (s) are measured once per process by ``calibrate``: one
-short epoch each of two reference CNNs on a slice of the study's own images (a few seconds on a
-CPU). The study then corrects the prediction by the measured/predicted ratio of the epochs it has
-already run on this device (``Calibration.corrected``), so the model only has to get the
-*relative* cost of configs right, which FLOPs, parameters and batch counts do.
+``flop_rate`` (FLOP/s), ``act_s`` (s per value) and ``step_s`` (s) are measured once per process
+by ``calibrate``: short epochs of three reference CNNs on a slice of the study's own images (a
+few seconds on a CPU), each dominated by a different term. The study then corrects the prediction
+by the measured/predicted ratio of the epochs it has already run on this device
+(``Calibration.corrected``), so the model only has to get the *relative* cost of configs right.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -39,13 +45,14 @@ class Workload:
 
     flops: int  # forward FLOPs per image (engine.models.model_cost)
     params: int
-    layers: int  # leaf modules run per forward pass (count_layers)
+    layers: int  # leaf modules run per forward pass (layer_stats)
     image_size: int  # px
     batch_size: int
     n_train: int  # images per epoch
     n_val: int
     epochs: int
     setup_flops: int = 0  # one-off FLOPs before the first epoch (a frozen backbone's feature extraction)
+    acts: int = 0  # output values of all leaf modules per image, forward (layer_stats)
 
 
 def _val_steps(w: Workload) -> int:
@@ -60,18 +67,16 @@ class Calibration:
 
     flop_rate: float  # FLOP/s
     step_s: float  # seconds of fixed overhead per layer per batch
+    act_s: float = 0.0  # seconds per activation value (forward; training counts 3x)
     correction: float = 1.0
     measured: int = 0  # trials the correction is drawn from
 
     def epoch_seconds(self, w: Workload) -> float:
         """Predicted seconds of one epoch (training + validation), uncorrected."""
-        steps = math.ceil(w.n_train / w.batch_size)
-        val_steps = _val_steps(w)
-        compute = (TRAIN_FLOP_FACTOR * w.flops * w.n_train + w.flops * w.n_val) / self.flop_rate
-        update = steps * w.params * UPDATE_FLOPS / self.flop_rate
-        return compute + update + (steps + val_steps) * w.layers * self.step_s
+        work, values, overhead = _terms(w)
+        return work / self.flop_rate + values * self.act_s + overhead * self.step_s
 
-    def predict(self, w: Workload, epochs: int | None = None) -> float:
+    def predict(self, w: Workload, epochs: float | None = None) -> float:
         """Predicted seconds of ``epochs`` (default: all of the workload's), corrected."""
         setup = w.setup_flops / self.flop_rate if epochs is None else 0.0
         return self.correction * (self.epoch_seconds(w) * (w.epochs if epochs is None else epochs) + setup)
@@ -85,13 +90,35 @@ class Calibration:
         return replace(self, correction=statistics.median(ratios), measured=len(ratios))
 
 
-def count_layers(model: ModelConfig, num_classes: int, image_size: int) -> int:
-    """Leaf modules of the built model (on the meta device: no memory, a few ms)."""
+def _terms(w: Workload) -> tuple[float, float, float]:
+    """An epoch's (FLOPs, activation values, layer-steps): what flop_rate, act_s and step_s price."""
+    steps = math.ceil(w.n_train / w.batch_size)
+    work = TRAIN_FLOP_FACTOR * w.flops * w.n_train + w.flops * w.n_val + steps * w.params * UPDATE_FLOPS
+    values = TRAIN_FLOP_FACTOR * w.acts * w.n_train + w.acts * w.n_val
+    return float(work), float(values), float((steps + _val_steps(w)) * w.layers)
+
+
+def layer_stats(model: ModelConfig, num_classes: int, image_size: int) -> tuple[int, int]:
+    """(leaf modules, their output values per image) of the built model, from one forward pass on
+    the meta device (no memory, a few ms)."""
     from catdog_hpo.engine.models import FAMILIES
 
     with torch.device("meta"):
         net = FAMILIES[model.family](model, num_classes, image_size)
-    return sum(1 for m in net.modules() if not any(True for _ in m.children()))
+        leaves = [m for m in net.modules() if not any(True for _ in m.children())]
+        values = [0]
+
+        def count(_m: torch.nn.Module, _i: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                values[0] += out[0].numel()
+
+        hooks = [m.register_forward_hook(count) for m in leaves]
+        try:
+            net(torch.empty(1, 3, image_size, image_size))
+        finally:
+            for h in hooks:
+                h.remove()
+    return len(leaves), values[0]
 
 
 def workload(cfg: TrialConfig, flops: int, params: int, num_classes: int, n_train: int, n_val: int,
@@ -106,23 +133,27 @@ def workload(cfg: TrialConfig, flops: int, params: int, num_classes: int, n_trai
         return Workload(flops=head.flops, params=head.params, layers=head.layers, image_size=cfg.image_size,
                         batch_size=cfg.train.batch_size, n_train=n_train, n_val=n_val,
                         epochs=cfg.train.epochs, setup_flops=setup)
-    return Workload(flops=flops, params=params, layers=count_layers(cfg.model, num_classes, cfg.image_size),
-                    image_size=cfg.image_size, batch_size=cfg.train.batch_size,
-                    n_train=n_train, n_val=n_val, epochs=cfg.train.epochs)
+    layers, acts = layer_stats(cfg.model, num_classes, cfg.image_size)
+    return Workload(flops=flops, params=params, layers=layers, image_size=cfg.image_size,
+                    batch_size=cfg.train.batch_size, n_train=n_train, n_val=n_val, epochs=cfg.train.epochs,
+                    acts=acts)
 
 
-# Two reference CNNs: a tiny one (its epoch is mostly per-layer overhead) and a half-width tutorial
-# one (mostly arithmetic). Their two timings give step_s and flop_rate.
+# Three reference CNNs, each dominated by another term: a tiny one at a small batch (its epoch is
+# mostly per-layer overhead), the same at a large batch (its values: it has the most activation
+# values per FLOP) and a half-width tutorial one (mostly arithmetic). (model, batch size)
+_TINY = ModelConfig(family="cnn", blocks=(BlockConfig(8),), head="gap", dropout=0.0)
 _REFERENCES = (
-    ModelConfig(family="cnn", blocks=(BlockConfig(8),), head="gap", dropout=0.0),
-    ModelConfig(family="cnn", blocks=(BlockConfig(16), BlockConfig(32), BlockConfig(64)), head="fc",
-                fc_hidden=128, dropout=0.0),
+    (_TINY, 32),
+    (_TINY, 256),
+    (ModelConfig(family="cnn", blocks=(BlockConfig(16), BlockConfig(32), BlockConfig(64)), head="fc",
+                 fc_hidden=128, dropout=0.0), 64),
 )
 
 
 def calibrate(data: ImageSet, device: torch.device) -> Calibration:
     """Time two short epochs of each reference CNN on a slice of ``data`` (the study's images, at
-    the trial's size) after an untimed warm-up, and solve for flop_rate and step_s."""
+    the trial's size) after an untimed warm-up, and fit flop_rate, act_s and step_s."""
     from catdog_hpo.engine.models import model_cost
     from catdog_hpo.engine.train import fit
 
@@ -134,38 +165,44 @@ def calibrate(data: ImageSet, device: torch.device) -> Calibration:
     # Untimed: the process's first training pays one-off costs (thread pools, allocator, kernel
     # selection) that no later epoch pays.
     warm = ImageSet(small.train_x[:64], small.train_y[:64], small.val_x[:16], small.val_y[:16], data.classes, "")
-    fit(TrialConfig(image_size=size, model=_REFERENCES[0], train=TrainConfig(epochs=1, batch_size=64)), warm, device)
-    for model in _REFERENCES:
-        cfg = TrialConfig(image_size=size, model=model, train=TrainConfig(epochs=3, batch_size=64, seed=0))
+    fit(TrialConfig(image_size=size, model=_TINY, train=TrainConfig(epochs=1, batch_size=64)), warm, device)
+    for model, batch in _REFERENCES:
+        cfg = TrialConfig(image_size=size, model=model, train=TrainConfig(epochs=3, batch_size=batch, seed=0))
         cost = model_cost(model, classes, size)
         result = fit(cfg, small, device)
         seconds = min(h.seconds for h in result.history)  # the quicker epoch: less of others' noise
         rows.append((workload(cfg, cost.flops, cost.params, classes, n_train, n_val), seconds))
-    return _solve(rows)
+    return fit_rates(rows)
 
 
-def _solve(rows: list[tuple[Workload, float]]) -> Calibration:
-    """flop_rate and step_s from two (workload, measured epoch seconds) rows (2 x 2 linear
-    system in 1/flop_rate and step_s); falls back to step_s = 0 when timing noise makes it
-    unsolvable (negative rates)."""
-    def terms(w: Workload) -> tuple[float, float]:
-        steps = math.ceil(w.n_train / w.batch_size)
-        val_steps = _val_steps(w)
-        work = TRAIN_FLOP_FACTOR * w.flops * w.n_train + w.flops * w.n_val + steps * w.params * UPDATE_FLOPS
-        return float(work), float((steps + val_steps) * w.layers)
+def fit_rates(rows: list[tuple[Workload, float]]) -> Calibration:
+    """flop_rate, act_s and step_s from (workload, measured epoch seconds) rows: non-negative least
+    squares in relative error (each row's error over its seconds, so the big reference does not
+    outweigh the tiny one), by trying every subset of the three terms (3 unknowns: 7 subsets) and
+    keeping the best fit whose rates are all positive. A rate fitted to 0 is a term this device
+    does not pay for separately (timing noise, or another term already covers it)."""
+    assert rows and all(t > 0 for _, t in rows)
+    a = torch.tensor([[x / t for x in _terms(w)] for w, t in rows], dtype=torch.float64)
+    scale = a.abs().amax(0).clamp_min(1e-300)  # columns differ by 10^10: scale them to ~1
+    a = a / scale
+    ones = torch.ones(len(rows), 1, dtype=torch.float64)
+    best: tuple[float, list[float]] | None = None
+    for mask in range(1, 8):
+        cols = [j for j in range(3) if mask >> j & 1]
+        if len(cols) > len(rows):
+            continue
+        sol = torch.linalg.lstsq(a[:, cols], ones).solution[:, 0]
+        if not bool((sol > 0).all()):
+            continue
+        err = float(((a[:, cols] @ sol[:, None] - ones) ** 2).sum())
+        if best is None or err < best[0] - 1e-12:
+            coef = [0.0, 0.0, 0.0]
+            for j, v in zip(cols, sol.tolist()):
+                coef[j] = v / float(scale[j])
+            best = (err, coef)
+    assert best is not None, "a single positive term always fits positive times"
+    per_flop, act_s, step_s = best[1]
+    return Calibration(flop_rate=1.0 / per_flop if per_flop > 0 else _NO_FLOP_COST, step_s=step_s, act_s=act_s)
 
-    (w1, t1), (w2, t2) = rows
-    (a1, b1), (a2, b2) = terms(w1), terms(w2)
-    det = a1 * b2 - a2 * b1
-    if det != 0:
-        inv_rate = (t1 * b2 - t2 * b1) / det
-        step_s = (a1 * t2 - a2 * t1) / det
-        if inv_rate > 0 and step_s >= 0:
-            return Calibration(flop_rate=1.0 / inv_rate, step_s=step_s)
-    # Unsolvable: timing noise, or the big net ran more flops per second than the tiny one. The
-    # tiny net's epoch is nearly all per-layer overhead: step_s from it, the rate from what the
-    # big net's epoch has left. (step_s = 0 here once predicted a tiny net 7x low.)
-    (sa, sb, st), (ba, bb, bt) = sorted(((a1, b1, t1), (a2, b2, t2)))
-    step_s = st / max(sb, 1.0)
-    rest = bt - step_s * bb
-    return Calibration(flop_rate=ba / (rest if rest > 0.1 * bt else bt), step_s=step_s)
+
+_NO_FLOP_COST = 1e18  # FLOP/s standing for "arithmetic priced by the other terms" (finite: stored as JSON)

@@ -10,9 +10,12 @@ config's seconds on this device. It is turned away (recorded as a rejected trial
 sampler learns from through an Optuna constraint) when
 
 - it would not finish in the time left (no trial is started that the model says cannot finish), or
-- the part it will surely run (up to the pruner's first decision; all of it without a pruner)
-  exceeds its fair share of what is left: ``left x workers / trials still to run x SHARE_SLACK``
-  (only with ``--trials``; not for the baseline and --enqueue configs, which the user asked for).
+- its expected cost (its epochs' cost x the share of them the pruner lets a trial run on
+  average: 2.74 of 20 under SHA's rungs at 1, 3, 9; all of them without a pruner) exceeds its fair
+  share of what is left: ``left x workers / trials still to run x SHARE_SLACK`` (only with
+  ``--trials``; not for the baseline and --enqueue configs, which the user asked for). Weighing
+  only the first rung admitted configs whose first epoch alone took two fair shares; the few of
+  them that SHA promoted ran 20 epochs of them and took the hours the other trials needed.
 
 A running trial is stopped at the end of an epoch once the budget is spent (``Guard.overrun``), so
 the run ends within the budget plus one epoch of the slowest running trial.
@@ -27,7 +30,7 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 
@@ -135,7 +138,7 @@ def spent_seconds(study: optuna.Study) -> float:
 def _nominal() -> Any:
     from catdog_hpo.engine.cost import Calibration
 
-    return Calibration(flop_rate=2e10, step_s=2e-4)  # ~ 2 CPU cores; only the ratios between configs matter
+    return Calibration(flop_rate=2e10, step_s=2e-4, act_s=1e-9)  # ~ 2 CPU cores; only the ratios between configs matter
 
 
 @dataclasses.dataclass
@@ -144,7 +147,7 @@ class Plan:
 
     trials: int | None  # --trials (None: as many as fit)
     workers: int
-    decided_at: int | None = None  # the epoch the pruner first decides at (None: no pruner)
+    expected_epochs: Callable[[int], float] = float  # epochs a trial runs on average under the pruner, from its epochs
 
 
 class Guard:
@@ -222,14 +225,15 @@ class Guard:
         if predicted > left:
             raise ConfigError(f"predicted {format_duration(predicted)} > the {format_duration(left)} "
                               f"left of --budget {format_duration(self.clock.budget_s or 0)}")
-        # The fair share is weighed against what the trial surely costs: its epochs up to the
-        # pruner's first decision (the pruner, not the guard, judges the rest). The baseline and
-        # the user's --enqueue configs were asked for by name: only "must finish" applies to them.
-        sure = cal.predict(w, epochs=min(w.epochs, self.plan.decided_at)) if self.plan.decided_at else predicted
+        # The fair share is weighed against what the trial costs on average under the pruner
+        # (samplers.EXPECTED_EPOCHS). The baseline and the user's --enqueue configs were asked
+        # for by name: only "must finish" applies to them.
+        ran = min(float(w.epochs), self.plan.expected_epochs(w.epochs))  # epochs, on average
+        expected = predicted - cal.predict(w, epochs=w.epochs) + cal.predict(w, epochs=ran)  # setup included
         asked = trial.user_attrs.get(TrialKey.BASELINE) or trial.user_attrs.get(TrialKey.ENQUEUED_FROM)
         share = self.fair_share(left)
-        if sure > share and not asked:
-            raise ConfigError(f"predicted {format_duration(sure)} > its fair share "
+        if expected > share and not asked:
+            raise ConfigError(f"expected {format_duration(expected)} (under the pruner) > its fair share "
                               f"{format_duration(share)} of the {format_duration(left)} left of --budget")
         return predicted
 

@@ -37,7 +37,7 @@ from catdog_hpo.search.objectives import directions
 from catdog_hpo.search import optuna_compat
 from catdog_hpo.search.budget import format_duration, rejects_tolerated
 from catdog_hpo.search.locks import study_lock
-from catdog_hpo.search.samplers import (FIRST_DECISION, MULTI_OBJECTIVE_PRUNERS, PRUNERS, SAMPLERS,
+from catdog_hpo.search.samplers import (EXPECTED_EPOCHS, MULTI_OBJECTIVE_PRUNERS, PRUNERS, SAMPLERS,
                                         SINGLE_OBJECTIVE_SAMPLERS)
 from catdog_hpo.search.record import SAMPLER_STREAMS, StudyInfo, StudyKey, TrialKey
 from catdog_hpo.search.space_files import base_image_size, check_installed, load_space
@@ -403,8 +403,7 @@ def _budget_guard(settings: RunSettings, study: optuna.Study, device: str, epoch
     from catdog_hpo.search.budget import Guard, Plan, StudyClock, resolve_budget
 
     clock = StudyClock(study, resolve_budget(study, settings.time_budget))
-    plan = Plan(trials=settings.trials, workers=settings.workers,
-                decided_at=FIRST_DECISION[settings.pruner](epochs))
+    plan = Plan(trials=settings.trials, workers=settings.workers, expected_epochs=EXPECTED_EPOCHS[settings.pruner])
     return clock, Guard(study, clock, plan, torch.device(device))
 
 
