@@ -123,7 +123,8 @@ def test_the_fair_share_weighs_a_configs_expected_cost_under_the_pruner() -> Non
     from catdog_hpo.data import ImageSet
     from catdog_hpo.engine.cost import Calibration, workload
     from catdog_hpo.engine.models import model_cost
-    from catdog_hpo.search.budget import Guard, Plan, StudyClock
+    from catdog_hpo.search.budget import SHARE_RELAX_EVERY, Guard, Plan, StudyClock
+    from catdog_hpo.search.objective import reject
     from catdog_hpo.search.samplers import EXPECTED_EPOCHS
 
     model = ModelConfig(blocks=(BlockConfig(8),), head="gap")
@@ -134,19 +135,30 @@ def test_the_fair_share_weighs_a_configs_expected_cost_under_the_pruner() -> Non
     cal = Calibration(flop_rate=1e9, step_s=1e-4, act_s=1e-9)
     epoch_s = cal.epoch_seconds(workload(cfg, cost.flops, cost.params, 2, 64, 16))
 
-    def admit(pruner: str) -> str:
+    def guard(pruner: str) -> Guard:
         study = optuna.create_study()
-        guard = Guard(study, StudyClock(study, 50 * epoch_s), Plan(20, 1, EXPECTED_EPOCHS[pruner]), torch.device("cpu"))
-        guard._calibration = cal
+        g = Guard(study, StudyClock(study, 50 * epoch_s), Plan(20, 1, EXPECTED_EPOCHS[pruner]), torch.device("cpu"))
+        g._calibration = cal
+        return g
+
+    def admit(g: Guard) -> str:
+        trial = g.study.ask()
         try:
-            guard.admit(study.ask(), cfg, cost.flops, cost.params, data)
+            g.admit(trial, cfg, cost.flops, cost.params, data)
         except ConfigError as exc:
+            reject(trial, str(exc))  # as the objective does: it does not count toward the 20
+            g.study.tell(trial, state=TrialState.PRUNED)
             return str(exc)
         return "admitted"
 
-    assert admit("sha") == "admitted"
+    assert admit(guard("sha")) == "admitted"
     for pruner in ("median", "none"):
-        assert admit(pruner).startswith("expected") and "fair share" in admit(pruner)
+        assert admit(guard(pruner)).startswith("expected") and "fair share" in admit(guard(pruner))
+    # Pacing never idles the budget: the share doubles after every SHARE_RELAX_EVERY refusals in a
+    # row, so the median's 12.5 X passes once the share is 4 x 5 X.
+    g = guard("median")
+    answers = [admit(g) for _ in range(2 * SHARE_RELAX_EVERY + 1)]
+    assert all(a.startswith("expected") for a in answers[:-1]) and answers[-1] == "admitted"
 
 
 # --------------------------------------------------------------------------- the cost model

@@ -6,8 +6,9 @@ An epoch's seconds are modelled as
   + memory   (3 x activations x train images + activations x val images) x act_s
              (activations: output values of every layer per image; batch norm, activations,
              pooling and the convolutions' own reads and writes are memory-bound: on a CPU they
-             cost as much as the arithmetic; without this term a wide shallow net at batch 128
-             was predicted 3.1x low, with it 0.84-1.5x over 14 sampled seed-cnn configs)
+             cost as much as the arithmetic. Over 14 random seed-cnn configs at 64 px the
+             measured/predicted ratios spread 3.9x (max/min) with the best two-term fit, 1.8x
+             with this term as ``calibrate`` measures it)
   + steps    (train batches + val batches) x layers x step_s  (per-layer, per-batch overhead: kernel
              launches, framework dispatch; it dominates small, deep nets on a CPU)
   + update   train batches x params x UPDATE_FLOPS / flop_rate   (the optimizer touching every weight)
