@@ -7,8 +7,8 @@ An epoch's seconds are modelled as
              (activations: output values of every layer per image; batch norm, activations,
              pooling and the convolutions' own reads and writes are memory-bound: on a CPU they
              cost as much as the arithmetic. Over 14 random seed-cnn configs at 64 px the
-             measured/predicted ratios spread 3.9x (max/min) with the best two-term fit, 1.8x
-             with this term as ``calibrate`` measures it)
+             measured/predicted ratios spread 3.9x (max/min) with the best two-term fit, 1.8-2.1x
+             with this term as ``calibrate`` measures it: bench/cost_model.py)
   + steps    (train batches + val batches) x layers x step_s  (per-layer, per-batch overhead: kernel
              launches, framework dispatch; it dominates small, deep nets on a CPU)
   + update   train batches x params x UPDATE_FLOPS / flop_rate   (the optimizer touching every weight)
