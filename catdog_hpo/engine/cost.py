@@ -38,6 +38,7 @@ TRAIN_FLOP_FACTOR = 3  # forward + backward (input and weight gradients) = 3 x f
 CALIBRATION_TRAIN = 768  # images per calibration epoch (12 batches; a few seconds on 2 CPU cores at 32-64 px)
 CALIBRATION_VAL = 64
 _CORRECTION_WINDOW = 20  # recent measured trials the study correction is the median of
+_NO_FLOP_COST = 1e18  # FLOP/s standing for "arithmetic priced by the other terms" (finite: stored as JSON)
 
 
 @dataclass(frozen=True)
@@ -205,5 +206,3 @@ def fit_rates(rows: list[tuple[Workload, float]]) -> Calibration:
     per_flop, act_s, step_s = best[1]
     return Calibration(flop_rate=1.0 / per_flop if per_flop > 0 else _NO_FLOP_COST, step_s=step_s, act_s=act_s)
 
-
-_NO_FLOP_COST = 1e18  # FLOP/s standing for "arithmetic priced by the other terms" (finite: stored as JSON)

@@ -38,6 +38,7 @@ import optuna
 from catdog_hpo.errors import ConfigError, UserError
 from catdog_hpo.search import optuna_compat
 from catdog_hpo.search.record import (BUDGET_SESSION_PREFIX, CALIBRATION_PREFIX, StudyKey, TrialKey)
+from catdog_hpo.search.samplers import all_epochs
 
 SHARE_SLACK = 2.0  # a config may cost this many fair shares (trials that end early leave time over)
 # Fair-share refusals in a row after which the share doubles (below the stop rule's 25, so pacing
@@ -153,7 +154,7 @@ class Plan:
 
     trials: int | None  # --trials (None: as many as fit)
     workers: int
-    expected_epochs: Callable[[int], float] = float  # epochs a trial runs on average under the pruner, from its epochs
+    expected_epochs: Callable[[int], float] = all_epochs  # epochs a trial runs on average under the pruner
 
 
 class Guard:
@@ -236,7 +237,7 @@ class Guard:
         # (samplers.EXPECTED_EPOCHS). The baseline and the user's --enqueue configs were asked
         # for by name: only "must finish" applies to them.
         ran = min(float(w.epochs), self.plan.expected_epochs(w.epochs))  # epochs, on average
-        expected = predicted - cal.predict(w, epochs=w.epochs) + cal.predict(w, epochs=ran)  # setup included
+        expected = predicted - cal.predict(w, epochs=w.epochs - ran)  # less the epochs it will not run
         asked = trial.user_attrs.get(TrialKey.BASELINE) or trial.user_attrs.get(TrialKey.ENQUEUED_FROM)
         share = self.fair_share(left) * 2 ** (self.over_share // SHARE_RELAX_EVERY)
         if expected > share and not asked:

@@ -120,6 +120,13 @@ PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
     "pareto": lambda epochs: optuna.pruners.NopPruner(),
 }
 check_registry("pruners", PRUNERS, choices.PRUNERS)
+
+
+def all_epochs(epochs: int) -> float:
+    """No pruner: a trial runs all of its epochs."""
+    return float(epochs)
+
+
 def sha_expected_epochs(epochs: int, first: int | None = None) -> float:
     """Epochs a trial runs on average under successive halving with rungs at first x 3^k: all up
     to the first rung, then each stretch between rungs by the third kept at the rung before it
@@ -156,7 +163,7 @@ def _median_expected_epochs(epochs: int) -> float:
 EXPECTED_EPOCHS: dict[str, Callable[[int], float]] = {
     "median": _median_expected_epochs, "patient": _median_expected_epochs,
     "sha": sha_expected_epochs, "hyperband": _hyperband_expected_epochs,
-    "none": float, "pareto": float,
+    "none": all_epochs, "pareto": all_epochs,
 }
 check_registry("expected epochs", EXPECTED_EPOCHS, choices.PRUNERS)
 MULTI_OBJECTIVE_PRUNERS = ("pareto", "none")  # the PRUNERS a multi-objective study may use
