@@ -259,7 +259,7 @@ def test_a_worker_pins_its_gpu_before_working(monkeypatch: pytest.MonkeyPatch) -
     ``work`` runs, and hands it cuda:0."""
     import signal
 
-    from catdog_hpo.search import study as study_module
+    from catdog_hpo.search import worker as worker_module
 
     seen: list[tuple[str, str | None, str | None]] = []
 
@@ -268,13 +268,13 @@ def test_a_worker_pins_its_gpu_before_working(monkeypatch: pytest.MonkeyPatch) -
 
     from catdog_hpo.engine import device as device_module
 
-    monkeypatch.setattr(study_module, "work", fake_work)
+    monkeypatch.setattr(worker_module, "work", fake_work)
     monkeypatch.setattr(device_module, "_pinned_as", None)  # restored to None afterwards
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        study_module._worker_main(_settings(("cuda:3", "cuda:3")), 1, "cuda:3", None)
+        worker_module._worker_main(_settings(("cuda:3", "cuda:3")), 1, "cuda:3", None)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
@@ -283,7 +283,7 @@ def test_a_worker_pins_its_gpu_before_working(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_shares_gpu() -> None:
-    from catdog_hpo.search.study import _shares_gpu
+    from catdog_hpo.search.worker import _shares_gpu
 
     assert _shares_gpu(_settings(("cuda:0", "cuda:0")), "cuda:0")
     assert not _shares_gpu(_settings(("cuda:0", "cuda:1")), "cuda:0")
@@ -327,6 +327,7 @@ def test_sticky_cuda_error_requeues_the_trial(tmp_path, monkeypatch: pytest.Monk
     from optuna.trial import TrialState
 
     import catdog_hpo.search.study as study_mod
+    import catdog_hpo.search.worker as worker_mod
     from catdog_hpo.data import DataSource
     from catdog_hpo.errors import UserError
     from catdog_hpo.search.record import TrialKey
@@ -342,7 +343,7 @@ def test_sticky_cuda_error_requeues_the_trial(tmp_path, monkeypatch: pytest.Monk
         trial.suggest_int("k", 1, 9)  # the trial has parameters to queue again
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(study_mod, "run_trial", broken)
+    monkeypatch.setattr(worker_mod, "run_trial", broken)
     with pytest.raises(UserError, match="queued again"):
         study_mod.run(s)
     study = optuna.load_study(study_name="s", storage=s.storage)

@@ -23,9 +23,8 @@ STAGE = {"catdog_hpo": 0, "errors": 0, "files": 0, "config": 1, "data": 2, "engi
 # Modules allowed past MAX_LINES, each with a ceiling (so it cannot keep growing unnoticed) and why.
 MAX_LINES = 350
 LONG_MODULES = {
-    "search/study.py": (650, "the `run` command: create/resume, claim, one worker, parallel workers; "
-                             "the budget, GPU and multi-objective work are landing in it; next split: "
-                             "the worker loop -> search/worker.py"),
+    "search/study.py": (450, "the `run` command: the store, create/resume (attributes, baseline, grid, "
+                             "--enqueue), claiming under the lock, the summary; the worker loop is search/worker.py"),
     "engine/train.py": (450, "fit() reads top to bottom as one training flow (optimizers, "
                              "schedulers, the epoch loop); the GPU engine work is landing in it"),
 }

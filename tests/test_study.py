@@ -61,9 +61,9 @@ def test_same_seed_same_parameters(workdir: Path) -> None:
 
 
 def test_resume_after_interrupt_reaches_exactly_n(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import catdog_hpo.search.study as study_mod
+    import catdog_hpo.search.worker as worker_mod
 
-    real = study_mod.run_trial
+    real = worker_mod.run_trial
     calls = {"n": 0}
 
     def interrupt_third(trial: optuna.Trial, space: object, overrides: dict, *rest: object) -> float:
@@ -75,7 +75,7 @@ def test_resume_after_interrupt_reaches_exactly_n(workdir: Path, monkeypatch: py
             raise KeyboardInterrupt
         return real(trial, space, overrides, *rest)
 
-    monkeypatch.setattr(study_mod, "run_trial", interrupt_third)
+    monkeypatch.setattr(worker_mod, "run_trial", interrupt_third)
     s = settings(workdir, trials=4)
     assert run(s) == 130
     study = load(s)
@@ -84,7 +84,7 @@ def test_resume_after_interrupt_reaches_exactly_n(workdir: Path, monkeypatch: py
     assert not study.get_trials(states=(TrialState.RUNNING,))
     assert len(study.get_trials(states=(TrialState.WAITING,))) == 1  # its params, queued for resume
 
-    monkeypatch.setattr(study_mod, "run_trial", real)
+    monkeypatch.setattr(worker_mod, "run_trial", real)
     assert run(s) == 0
     study = load(s)
     assert count(study) == (4, 0, 0)
@@ -161,9 +161,9 @@ def test_three_workers_random_stop_at_exactly_n(workdir: Path) -> None:
 def test_cuda_oom_fails_the_trial_and_the_study_goes_on(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    import catdog_hpo.search.study as study_mod
+    import catdog_hpo.search.worker as worker_mod
 
-    real = study_mod.run_trial
+    real = worker_mod.run_trial
     calls = {"n": 0}
 
     def oom_once(*args: object, **kw: object) -> float:
@@ -172,7 +172,7 @@ def test_cuda_oom_fails_the_trial_and_the_study_goes_on(workdir: Path, monkeypat
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*args, **kw)
 
-    monkeypatch.setattr(study_mod, "run_trial", oom_once)
+    monkeypatch.setattr(worker_mod, "run_trial", oom_once)
     s = settings(workdir, trials=2)
     assert run(s) == 0
     study = load(s)

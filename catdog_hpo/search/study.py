@@ -1,7 +1,8 @@
 """`catdog-hpo run`: the study around the objective.
 
-Storage (the sampler and pruner registries: ``search.samplers``), creating or resuming a study, the trial budget shared by every worker on every machine, the grid, heartbeats,
-interrupts, and the live progress output.
+Storage (the sampler and pruner registries: ``search.samplers``), creating or resuming a study,
+the trial budget shared by every worker on every machine, the grid, heartbeats, interrupts, the
+live progress output and the summary. The loop each worker runs is ``search.worker``.
 
 The budget: ``--trials N`` is the study's target of finished trials (COMPLETE + PRUNED). A worker
 claims a trial under a study-wide lock only while finished + running < N, so any number of
@@ -13,15 +14,13 @@ twice and none is left behind (Optuna's own GridSampler loses or repeats points 
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -29,15 +28,14 @@ from optuna.trial import TrialState
 from catdog_hpo import __version__
 from catdog_hpo.search import interrupts
 from catdog_hpo.data import DataSource
-from catdog_hpo.engine.device import classify_cuda_error, free_device_memory
 from catdog_hpo.errors import UserError
 from catdog_hpo.data.provider import ImageProvider
-from catdog_hpo.search.objective import Budget, Goal, TrialFailed, run_trial
+from catdog_hpo.search.objective import Budget, Goal
 from catdog_hpo.search.objectives import directions
 from catdog_hpo.search import optuna_compat
-from catdog_hpo.search.budget import format_duration, rejects_tolerated
+from catdog_hpo.search.budget import format_duration
 from catdog_hpo.search.locks import study_lock
-from catdog_hpo.search.samplers import (EXPECTED_EPOCHS, MULTI_OBJECTIVE_PRUNERS, PRUNERS, SAMPLERS,
+from catdog_hpo.search.samplers import (MULTI_OBJECTIVE_PRUNERS, PRUNERS, SAMPLERS,
                                         SINGLE_OBJECTIVE_SAMPLERS)
 from catdog_hpo.search.record import SAMPLER_STREAMS, StudyInfo, StudyKey, TrialKey
 from catdog_hpo.search.space_files import base_image_size, check_installed, load_space
@@ -51,8 +49,6 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happened
-_POLL_S = 1.0  # seconds between checks while waiting on other workers' trials
-_MAX_FAILS_IN_A_ROW = 5  # a worker whose trials keep failing stops instead of burning the budget
 
 
 @dataclass(frozen=True)
@@ -331,168 +327,6 @@ def open_study(settings: RunSettings, device: str) -> Opened:
     return Opened(space, storage, study, grid, images)
 
 
-def work(settings: RunSettings, device: str, deadline: float | None,
-         on_trial_end: Callable[[], None] | None = None, opened: Opened | None = None) -> None:
-    """Claim and run trials until the study has its N (or the grid is done, or time is up)."""
-    import torch
-
-    from catdog_hpo.search.artifacts import artifact_store
-
-    from catdog_hpo.engine.runtime import configure_process
-
-    if device == "cpu" and settings.workers > 1:
-        # Share the cores: K workers each running all-core OpenMP pools oversubscribe the CPU,
-        # and spinning threads made steps 5-20x slower when measured on 2 cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
-    # TF32, determinism; a CUDA worker sharing its GPU keeps 1-2 CPU threads (it only launches)
-    from catdog_hpo.engine.device import device_label
-
-    shared = _shares_gpu(settings, device_label(torch.device(device)))  # a pinned worker's own GPU
-    configure_process(device, deterministic=settings.deterministic, shared_gpu=shared)
-    if opened is None:
-        opened = open_study(settings, device)
-    space, storage, study, grid, images = (opened.space, opened.storage, opened.study, opened.grid,
-                                           opened.images)
-    store = artifact_store(settings.studies_dir)
-    overrides = overrides_of(settings)
-    clock, guard = _budget_guard(settings, study, device, _epochs_of(space, settings))
-    fails_in_a_row = rejects_in_a_row = proposed = admitted = 0
-    while deadline is None or time.time() < deadline:
-        interrupts.check()  # a signal that came during the last trial's store writes
-        trial = claim_trial(study, storage, settings, grid, clock)
-        if trial == "done":
-            return
-        if trial == "wait":
-            with interrupts.allowed():
-                time.sleep(_POLL_S)
-            continue
-        # The heartbeat thread study.optimize runs too (ours is an ask/tell loop, for the budget).
-        with optuna_compat.heartbeat_thread(trial, storage):
-            state = _run_one(study, trial, space, overrides, images, settings.budget, store, goal_of(settings),
-                             guard)
-        fails_in_a_row = fails_in_a_row + 1 if state == TrialState.FAIL else 0
-        rejected = trial.user_attrs.get(TrialKey.REJECTED) if state == TrialState.PRUNED else None
-        rejects_in_a_row = rejects_in_a_row + 1 if rejected else 0
-        proposed, admitted = proposed + 1, admitted + (not rejected)
-        if on_trial_end is not None:
-            on_trial_end()
-        if guard.too_late >= _TOO_LATE_IN_A_ROW:  # the budget's end: what is left fits no trial
-            print(f"budget: the {format_duration(clock.left())} left fits not even the cheapest config seen "
-                  f"({format_duration(guard.cheapest)}); no more trials start", file=sys.stderr)
-            return
-        if rejects_in_a_row >= rejects_tolerated(admitted, proposed - rejects_in_a_row):
-            # The sampler keeps proposing configs the guards turn away: stop, say why.
-            left = clock.left()
-            hint = ("the budget left is too small for the configs this space proposes"
-                    if math.isfinite(left) else "loosen --max-params/--max-flops or narrow the space")
-            print(f"stopping: the last {rejects_in_a_row} configs were all turned away before training "
-                  f"(last: {rejected}); {hint}", file=sys.stderr)
-            return
-        if fails_in_a_row >= _MAX_FAILS_IN_A_ROW:
-            raise UserError(f"{fails_in_a_row} trials in a row failed; see the fail reasons with "
-                            f"catdog-hpo show --study {settings.study}")
-
-
-_TOO_LATE_IN_A_ROW = 3  # configs in a row that would not finish in the budget left: the budget is done
-
-
-def _budget_guard(settings: RunSettings, study: optuna.Study, device: str, epochs: int) -> tuple[Any, Any]:
-    """This worker's clock on the study's time budget and its cost-model guard."""
-    import torch
-
-    from catdog_hpo.search.budget import Guard, Plan, StudyClock, resolve_budget
-
-    clock = StudyClock(study, resolve_budget(study, settings.time_budget))
-    plan = Plan(trials=settings.trials, workers=settings.workers, expected_epochs=EXPECTED_EPOCHS[settings.pruner])
-    return clock, Guard(study, clock, plan, torch.device(device))
-
-
-def _run_one(study: optuna.Study, trial: optuna.Trial, space: Space, overrides: dict[str, Any],
-             images: ImageProvider, budget: Budget, store: Any, goal: Goal = Goal(),
-             guard: Any = None) -> TrialState:
-    """Run one claimed trial and tell the study how it ended; never leaves it RUNNING.
-    WorkerRestart after a sticky CUDA error (the trial failed and its parameters queued again)."""
-    try:
-        value = run_trial(trial, space, overrides, images, budget, store, goal, guard)
-    except optuna.TrialPruned:
-        study.tell(trial, state=TrialState.PRUNED)
-        return TrialState.PRUNED
-    except (KeyboardInterrupt, interrupts.Terminated) as exc:
-        # Not the trial's fault: fail it, and queue its parameters to run first on resume.
-        # A second signal must not cut this short and leave the trial RUNNING.
-        interrupts.ignore()
-        trial.set_user_attr(TrialKey.FAIL_REASON, "interrupted (SIGTERM)" if isinstance(exc, interrupts.Terminated)
-                            else "interrupted (Ctrl-C)")
-        study.tell(trial, state=TrialState.FAIL)
-        if trial.params:
-            study.enqueue_trial(trial.params, user_attrs={TrialKey.RETRY_OF: trial.number})
-        raise
-    except TrialFailed as exc:
-        _fail(study, trial, str(exc))
-        return TrialState.FAIL
-    except Exception as exc:  # out of memory, a CUDA error, a bug: record it, go on (or restart)
-        kind = classify_cuda_error(exc)
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if kind == "oom":
-            _fail(study, trial, f"CUDA out of memory: {first}")
-        else:
-            _fail(study, trial, f"{type(exc).__name__}: {exc}")
-        del exc  # its traceback holds the trial's frames
-        free_device_memory()  # give the memory back before the next trial
-        if kind == "sticky":
-            # The process's CUDA context is unusable: every later trial here would fail. The
-            # trial's parameters run again first, in a fresh worker process.
-            if trial.params:
-                study.enqueue_trial(trial.params, user_attrs={TrialKey.RETRY_OF: trial.number})
-            raise WorkerRestart(first)
-        return TrialState.FAIL
-    study.tell(trial, value)
-    return TrialState.COMPLETE
-
-
-class WorkerRestart(Exception):
-    """A sticky CUDA error: the worker process must exit and a fresh one take its place."""
-
-
-RESTART_EXIT = 75  # a worker's exit code asking the parent for a fresh process (EX_TEMPFAIL)
-_MAX_RESTARTS = 3  # per worker slot: a GPU that keeps failing stops the run instead
-
-
-def _shares_gpu(settings: RunSettings, device: str) -> bool:
-    """More than one worker of this run on ``device``'s GPU (always False on the CPU)."""
-    return device != "cpu" and settings.devices.count(device) > 1
-
-
-def _fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
-    trial.set_user_attr(TrialKey.FAIL_REASON, reason.splitlines()[0][:500])
-    study.tell(trial, state=TrialState.FAIL)
-
-
-def _worker_main(settings: RunSettings, worker: int, device: str, deadline: float | None) -> None:
-    """Entry point of a worker process (spawned: no CUDA state shared with the parent)."""
-    from catdog_hpo.errors import install_warning_format
-
-    from catdog_hpo.engine.device import pin_worker_device
-
-    install_warning_format()  # as in the parent CLI: one "warning: ..." line
-    # Before any CUDA call: this process sees only its GPU (as cuda:0), so it never opens a
-    # context on another one; workers sharing a GPU get expandable allocator segments.
-    shared = _shares_gpu(settings, device)
-    device = pin_worker_device(device, shared)
-    interrupts.install()
-    try:
-        work(settings, device, deadline)
-    except (KeyboardInterrupt, interrupts.Terminated):
-        sys.exit(130)
-    except WorkerRestart as exc:
-        print(f"worker {worker}: CUDA error ({exc}); its trial is queued again and a new worker "
-              "process takes over", file=sys.stderr)
-        sys.exit(RESTART_EXIT)
-    except UserError as exc:
-        print(f"worker {worker}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
 # --------------------------------------------------------------------------- the run command
 
 
@@ -500,6 +334,7 @@ def run(settings: RunSettings) -> int:
     """Run (or resume) the study until it has ``settings.trials`` finished trials."""
     from catdog_hpo.search.progress import Progress
     from catdog_hpo.search.storage import mask_password
+    from catdog_hpo.search.worker import WorkerRestart, run_workers, work  # the worker imports this module
 
     # One worker runs in this process, on its device; K workers each open their own, and this
     # process only decodes the images for them (on the CPU) and polls the study.
@@ -528,7 +363,7 @@ def run(settings: RunSettings) -> int:
         if settings.workers == 1:
             work(settings, settings.devices[0], deadline, on_trial_end=progress.poll, opened=opened)
         else:
-            _run_workers(settings, deadline, progress)
+            run_workers(settings, deadline, progress)
     except WorkerRestart as exc:  # one in-process worker: its CUDA context is gone with it
         raise UserError(f"CUDA error ({exc}); the trial is queued again: rerun the same command "
                         "to resume in a fresh process") from None
@@ -543,41 +378,6 @@ def run(settings: RunSettings) -> int:
     progress.poll()
     progress.close()
     return _summary(study, target)
-
-
-def _run_workers(settings: RunSettings, deadline: float | None, progress: Any) -> None:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-
-    def start(i: int) -> Any:
-        p = ctx.Process(target=_worker_main, args=(settings, i, settings.devices[i], deadline), daemon=False)
-        p.start()
-        return p
-
-    procs = [start(i) for i in range(settings.workers)]
-    restarts = [0] * settings.workers
-    try:
-        while True:
-            for i, p in enumerate(procs):  # a worker whose CUDA context broke: a fresh process
-                if p.exitcode == RESTART_EXIT and restarts[i] < _MAX_RESTARTS:
-                    restarts[i] += 1
-                    procs[i] = start(i)
-            if not any(p.is_alive() for p in procs):
-                break
-            progress.poll()
-            time.sleep(_POLL_S)
-    except BaseException:
-        for p in procs:  # pass the interrupt on so each worker closes its trial
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGTERM)
-        for p in procs:
-            p.join(timeout=60)
-        raise
-    bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
-    if bad:
-        raise UserError(f"{len(bad)} of {len(procs)} workers exited with an error (codes {bad}); "
-                        f"rerun the same command to resume")
 
 
 def _announce_budget(study: optuna.Study, settings: RunSettings) -> float | None:
