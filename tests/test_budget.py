@@ -159,6 +159,40 @@ def test_the_fair_share_weighs_a_configs_expected_cost_under_the_pruner() -> Non
     g = guard("median")
     answers = [admit(g) for _ in range(2 * SHARE_RELAX_EVERY + 1)]
     assert all(a.startswith("expected") for a in answers[:-1]) and answers[-1] == "admitted"
+    # Near the end one promotion decides: with 30 X left (a share of 3 X, doubled after refusals)
+    # a 20 X config (2.74 X expected under SHA) may not take more than half of what is left.
+    from catdog_hpo.search.budget import MAX_SHARE_OF_LEFT
+
+    g = guard("sha")
+    g.clock.budget_s = g.clock.spent() + 30 * epoch_s
+    answer = admit(g)
+    assert f"{MAX_SHARE_OF_LEFT:.0%} of the" in answer and "trials still to run" in answer
+    g.clock.budget_s = g.clock.spent() + 41 * epoch_s  # 20 X <= half of 41 X
+    assert admit(g) == "admitted"
+
+
+def test_the_epochs_a_trial_runs_are_learned_from_the_studys_record() -> None:
+    # SHA's theory (2.74 of 20 epochs) is the prior; a study whose finished trials all ran their
+    # 20 epochs moves the guard's share towards all of them; trials the budget stopped do not count.
+    from catdog_hpo.search.budget import PRIOR_TRIALS, Guard, Plan, StudyClock
+    from catdog_hpo.search.samplers import EXPECTED_EPOCHS
+
+    study = optuna.create_study()
+    g = Guard(study, StudyClock(study, 100.0), Plan(100, 1, EXPECTED_EPOCHS["sha"]), torch.device("cpu"))
+    theory = EXPECTED_EPOCHS["sha"](20) / 20
+    assert g.ran_share(20) == pytest.approx(theory)
+
+    def finished(epochs_run: int, **extra: object) -> None:
+        attrs = {TrialKey.CONFIG: {"train": {"epochs": 20}}, TrialKey.EPOCHS_RUN: epochs_run, **extra}
+        study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs=attrs))
+
+    n = int(PRIOR_TRIALS)
+    for _ in range(n):
+        finished(20)
+    assert g.ran_share(20) == pytest.approx((theory + 1) / 2)
+    finished(1, **{TrialKey.BUDGET_STOP: "budget spent after epoch 1"})
+    finished(1, **{TrialKey.REJECTED: "too big"})
+    assert g.ran_share(20) == pytest.approx((theory + 1) / 2)
 
 
 # --------------------------------------------------------------------------- the cost model

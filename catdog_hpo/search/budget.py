@@ -10,13 +10,18 @@ config's seconds on this device. It is turned away (recorded as a rejected trial
 sampler learns from through an Optuna constraint) when
 
 - it would not finish in the time left (no trial is started that the model says cannot finish), or
-- its expected cost (its epochs' cost x the share of them the pruner lets a trial run on
-  average: 2.74 of 20 under SHA's rungs at 1, 3, 9; all of them without a pruner) exceeds its fair
-  share of what is left: ``left x workers / trials still to run x SHARE_SLACK`` (only with
-  ``--trials``; not for the baseline and --enqueue configs, which the user asked for). The share
-  doubles after every SHARE_RELAX_EVERY such refusals in a row, so pacing never idles the budget.
-  Weighing only the first rung admitted configs whose first epoch alone took two fair shares; the
-  few of them that SHA promoted ran 20 epochs of them and took the hours the other trials needed.
+- its expected cost (its epochs' cost x the share of them a trial runs on average under the
+  pruner, ``Guard.ran_share``: the pruner's theory, 2.74 of 20 under SHA's rungs at 1, 3, 9, all
+  of them without a pruner, as a prior worth PRIOR_TRIALS trials, blended with the share the
+  study's finished trials ran) exceeds its fair share of what is left,
+  ``left x workers / trials still to run x SHARE_SLACK``. The share doubles after every
+  SHARE_RELAX_EVERY such refusals in a row, so pacing never idles the budget. Weighing only the
+  first rung admitted configs whose first epoch alone took two fair shares; the few of them that
+  SHA promoted ran 20 epochs of them and took the hours the other trials needed; or
+- its whole cost exceeds MAX_SHARE_OF_LEFT of what is left (near the end, one promotion decides).
+
+The last two apply only with ``--trials`` (a trial target to pace for), and not to the baseline
+and the --enqueue configs, which the user asked for.
 
 A running trial is stopped at the end of an epoch once the budget is spent (``Guard.overrun``), so
 the run ends within the budget plus one epoch of the slowest running trial.
@@ -46,6 +51,16 @@ SHARE_SLACK = 2.0  # a config may cost this many fair shares (trials that end ea
 # TPE proposed and stopped with 7 of its 60 minutes unspent (bench/budget.py); an unspent budget
 # helps neither the trial count nor the accuracy.
 SHARE_RELAX_EVERY = 8
+# Trials the pruner's theory of the epochs a trial runs counts as, against the study's record.
+# The theory undercounts under TPE: its later configs beat the earlier ones they are ranked
+# against at each rung, so SHA let 13% of a 60-minute study's trials run all 20 epochs (theory:
+# 3.7%), 4.7 epochs a trial, not 2.74, and the study paced for 100 trials finished 55.
+PRIOR_TRIALS = 8.0
+# With --trials: one trial's whole cost (all its epochs, if the pruner keeps it) may take at most
+# this share of the time left (all workers'). Its expected cost is fair, but near the end one
+# promotion decides: a 60-minute study admitted a config with 3.1 minutes left whose 20 epochs
+# then took 136 s of them, the time of some 15 first-rung trials, and it ended at 93 of its 100.
+MAX_SHARE_OF_LEFT = 0.5
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _TOUCH_EVERY_S = 2.0  # how often a session writes its "last seen" time (store writes are not free)
 
@@ -234,18 +249,37 @@ class Guard:
             raise ConfigError(f"predicted {format_duration(predicted)} > the {format_duration(left)} "
                               f"left of --budget {format_duration(self.clock.budget_s or 0)}")
         # The fair share is weighed against what the trial costs on average under the pruner
-        # (samplers.EXPECTED_EPOCHS). The baseline and the user's --enqueue configs were asked
+        # (ran_share: theory and the study's record). The baseline and the user's --enqueue configs were asked
         # for by name: only "must finish" applies to them.
-        ran = min(float(w.epochs), self.plan.expected_epochs(w.epochs))  # epochs, on average
+        ran = min(float(w.epochs), w.epochs * self.ran_share(w.epochs))  # epochs, on average
         expected = predicted - cal.predict(w, epochs=w.epochs - ran)  # less the epochs it will not run
         asked = trial.user_attrs.get(TrialKey.BASELINE) or trial.user_attrs.get(TrialKey.ENQUEUED_FROM)
         share = self.fair_share(left) * 2 ** (self.over_share // SHARE_RELAX_EVERY)
         if expected > share and not asked:
             self.over_share += 1
-            raise ConfigError(f"expected {format_duration(expected)} (under the pruner) > its fair share "
+            raise ConfigError(f"expected {format_duration(expected)} ({ran:.1f} of {w.epochs} epochs under the pruner) "
+                              f"> its fair share "
                               f"{format_duration(share)} of the {format_duration(left)} left of --budget")
         self.over_share = 0
+        if self.plan.trials is not None and not asked and predicted > left * self.plan.workers * MAX_SHARE_OF_LEFT:
+            raise ConfigError(f"predicted {format_duration(predicted)} for all {w.epochs} epochs > "
+                              f"{MAX_SHARE_OF_LEFT:.0%} of the {format_duration(left)} left of --budget, "
+                              f"with trials still to run")
         return predicted
+
+    def ran_share(self, epochs: int) -> float:
+        """Share of its configured epochs a trial runs on average under the pruner: the theory
+        for ``epochs`` (Plan.expected_epochs) worth PRIOR_TRIALS trials, plus one per finished
+        trial of the study that trained (trials the budget stopped are not the pruner's doing)."""
+        from catdog_hpo.search.study import counts_toward_n
+
+        total, n = PRIOR_TRIALS * min(1.0, self.plan.expected_epochs(epochs) / epochs), PRIOR_TRIALS
+        for t in self.study.get_trials(deepcopy=False):
+            ua = t.user_attrs
+            configured = (ua.get(TrialKey.CONFIG) or {}).get("train", {}).get("epochs")
+            if counts_toward_n(t) and configured and TrialKey.EPOCHS_RUN in ua and TrialKey.BUDGET_STOP not in ua:
+                total, n = total + min(1.0, ua[TrialKey.EPOCHS_RUN] / configured), n + 1
+        return total / n
 
     def fair_share(self, left: float) -> float:
         """Seconds one trial may cost: inf without --trials (only 'must finish' applies)."""
