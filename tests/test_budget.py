@@ -169,6 +169,11 @@ def test_the_fair_share_weighs_a_configs_expected_cost_under_the_pruner() -> Non
     assert f"{MAX_SHARE_OF_LEFT:.0%} of the" in answer and "trials still to run" in answer
     g.clock.budget_s = g.clock.spent() + 41 * epoch_s  # 20 X <= half of 41 X
     assert admit(g) == "admitted"
+    # ... and it relaxes with the share: refused SHARE_RELAX_EVERY times in a row, the config
+    # may take all that is left (it still must finish).
+    g.clock.budget_s = g.clock.spent() + 30 * epoch_s
+    answers = [admit(g) for _ in range(SHARE_RELAX_EVERY + 1)]
+    assert all("50% of the" in a for a in answers[:-1]) and answers[-1] == "admitted"
 
 
 def test_the_epochs_a_trial_runs_are_learned_from_the_studys_record() -> None:
