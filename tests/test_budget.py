@@ -185,7 +185,7 @@ def test_the_epochs_a_trial_runs_are_learned_from_the_studys_record() -> None:
     study = optuna.create_study()
     g = Guard(study, StudyClock(study, 100.0), Plan(100, 1, EXPECTED_EPOCHS["sha"]), torch.device("cpu"))
     theory = EXPECTED_EPOCHS["sha"](20) / 20
-    assert g.ran_share(20) == pytest.approx(theory)
+    assert g.ran_share(20, study.get_trials()) == pytest.approx(theory)
 
     def finished(epochs_run: int, **extra: object) -> None:
         attrs = {TrialKey.CONFIG: {"train": {"epochs": 20}}, TrialKey.EPOCHS_RUN: epochs_run, **extra}
@@ -194,10 +194,10 @@ def test_the_epochs_a_trial_runs_are_learned_from_the_studys_record() -> None:
     n = int(PRIOR_TRIALS)
     for _ in range(n):
         finished(20)
-    assert g.ran_share(20) == pytest.approx((theory + 1) / 2)
+    assert g.ran_share(20, study.get_trials()) == pytest.approx((theory + 1) / 2)
     finished(1, **{TrialKey.BUDGET_STOP: "budget spent after epoch 1"})
     finished(1, **{TrialKey.REJECTED: "too big"})
-    assert g.ran_share(20) == pytest.approx((theory + 1) / 2)
+    assert g.ran_share(20, study.get_trials()) == pytest.approx((theory + 1) / 2)
 
 
 # --------------------------------------------------------------------------- the cost model

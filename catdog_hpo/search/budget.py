@@ -190,12 +190,12 @@ class Guard:
         self.cheapest = math.inf  # seconds: the cheapest config this worker has been asked to admit
         self.over_share = 0  # configs in a row turned away by the fair share (SHARE_RELAX_EVERY)
 
-    def calibration(self, data: Any) -> Any:
+    def calibration(self, data: Any, trials: list[optuna.trial.FrozenTrial]) -> Any:
         """The cost model's rates on this device: the study's stored calibration for this
         host and device, else measured now (a few seconds) and stored; then corrected by the
-        study's measured trials here."""
+        study's measured trials here (``trials``: the study's, as read for this admission)."""
         pairs = []
-        for t in self.study.get_trials(deepcopy=False):
+        for t in trials:
             ua = t.user_attrs
             if ua.get(TrialKey.COST_DEVICE) == self.where and ua.get(TrialKey.SEC_PER_EPOCH) \
                     and ua.get(TrialKey.PREDICTED_EPOCH_S):
@@ -230,7 +230,8 @@ class Guard:
         from catdog_hpo.engine.cost import workload
         from catdog_hpo.engine.heads import applies, features_ready
 
-        cal = self.calibration(data)
+        trials = self.study.get_trials(deepcopy=False)  # read once: the calibration, the record, the share
+        cal = self.calibration(data, trials)
         w = workload(cfg, flops, params, len(data.classes), len(data.train_y), len(data.val_y),
                      features_cached=features_ready(cfg, data, feature_cache))
         raw_epoch = cal.epoch_seconds(w)
@@ -254,11 +255,11 @@ class Guard:
         # The fair share is weighed against what the trial costs on average under the pruner
         # (ran_share: theory and the study's record). The baseline and the user's --enqueue configs were asked
         # for by name: only "must finish" applies to them.
-        ran = min(float(w.epochs), w.epochs * self.ran_share(w.epochs))  # epochs, on average
+        ran = min(float(w.epochs), w.epochs * self.ran_share(w.epochs, trials))  # epochs, on average
         expected = predicted - cal.predict(w, epochs=w.epochs - ran)  # less the epochs it will not run
         asked = trial.user_attrs.get(TrialKey.BASELINE) or trial.user_attrs.get(TrialKey.ENQUEUED_FROM)
         relax = 2 ** (self.over_share // SHARE_RELAX_EVERY)  # both pacing rules relax together
-        share = self.fair_share(left) * relax
+        share = self.fair_share(left, trials) * relax
         if expected > share and not asked:
             self.over_share += 1
             raise ConfigError(f"expected {format_duration(expected)} ({ran:.1f} of {w.epochs} epochs under the pruner) "
@@ -273,27 +274,29 @@ class Guard:
         self.over_share = 0
         return predicted
 
-    def ran_share(self, epochs: int) -> float:
+    def ran_share(self, epochs: int, trials: list[optuna.trial.FrozenTrial]) -> float:
         """Share of its configured epochs a trial runs on average under the pruner: the theory
         for ``epochs`` (Plan.expected_epochs) worth PRIOR_TRIALS trials, plus one per finished
-        trial of the study that trained (trials the budget stopped are not the pruner's doing)."""
+        trial of the study that trained (trials the budget stopped are not the pruner's doing).
+        ``trials``: the study's."""
         from catdog_hpo.search.study import counts_toward_n
 
         total, n = PRIOR_TRIALS * min(1.0, self.plan.expected_epochs(epochs) / epochs), PRIOR_TRIALS
-        for t in self.study.get_trials(deepcopy=False):
+        for t in trials:
             ua = t.user_attrs
             configured = (ua.get(TrialKey.CONFIG) or {}).get("train", {}).get("epochs")
             if counts_toward_n(t) and configured and TrialKey.EPOCHS_RUN in ua and TrialKey.BUDGET_STOP not in ua:
                 total, n = total + min(1.0, ua[TrialKey.EPOCHS_RUN] / configured), n + 1
         return total / n
 
-    def fair_share(self, left: float) -> float:
-        """Seconds one trial may cost: inf without --trials (only 'must finish' applies)."""
+    def fair_share(self, left: float, trials: list[optuna.trial.FrozenTrial]) -> float:
+        """Seconds one trial may cost: inf without --trials (only 'must finish' applies).
+        ``trials``: the study's."""
         if self.plan.trials is None:
             return math.inf
-        from catdog_hpo.search.study import count
+        from catdog_hpo.search.study import tally
 
-        finished, running, _ = count(self.study)
+        finished, running, _ = tally(trials)
         still = max(1, self.plan.trials - finished - max(0, running - 1))  # running - 1: not this one
         return left * self.plan.workers / still * SHARE_SLACK
 

@@ -260,7 +260,11 @@ def counts_toward_n(t: optuna.trial.FrozenTrial) -> bool:
 
 def count(study: optuna.Study) -> tuple[int, int, int]:
     """(finished, running, waiting) trials of the study; finished: those that count toward N."""
-    trials = study.get_trials(deepcopy=False)
+    return tally(study.get_trials(deepcopy=False))
+
+
+def tally(trials: list[optuna.trial.FrozenTrial]) -> tuple[int, int, int]:
+    """(finished, running, waiting) of ``trials`` (count, on trials already read)."""
     finished = sum(counts_toward_n(t) for t in trials)
     running = sum(t.state == TrialState.RUNNING for t in trials)
     waiting = sum(t.state == TrialState.WAITING for t in trials)

@@ -28,8 +28,7 @@ from catdog_hpo.search.objective import Budget, Goal, TrialFailed, run_trial
 from catdog_hpo.search.record import TrialKey
 from catdog_hpo.search.samplers import EXPECTED_EPOCHS
 from catdog_hpo.search.spaces import Space
-from catdog_hpo.search.study import (Opened, RunSettings, _epochs_of, claim_trial, goal_of, open_study,
-                                     overrides_of)
+from catdog_hpo.search.study import Opened, RunSettings, claim_trial, goal_of, open_study, overrides_of
 
 _POLL_S = 1.0  # seconds between checks while waiting on other workers' trials
 _MAX_FAILS_IN_A_ROW = 5  # a worker whose trials keep failing stops instead of burning the budget
@@ -59,7 +58,7 @@ def work(settings: RunSettings, device: str, deadline: float | None,
                                            opened.images)
     store = artifact_store(settings.studies_dir)
     overrides = overrides_of(settings)
-    clock, guard = _budget_guard(settings, study, device, _epochs_of(space, settings))
+    clock, guard = _budget_guard(settings, study, device)
     fails_in_a_row = rejects_in_a_row = proposed = admitted = 0
     while deadline is None or time.time() < deadline:
         interrupts.check()  # a signal that came during the last trial's store writes
@@ -100,7 +99,7 @@ def work(settings: RunSettings, device: str, deadline: float | None,
 _TOO_LATE_IN_A_ROW = 3  # configs in a row that would not finish in the budget left: the budget is done
 
 
-def _budget_guard(settings: RunSettings, study: optuna.Study, device: str, epochs: int) -> tuple[Any, Any]:
+def _budget_guard(settings: RunSettings, study: optuna.Study, device: str) -> tuple[Any, Any]:
     """This worker's clock on the study's time budget and its cost-model guard."""
     import torch
 
