@@ -95,7 +95,7 @@ class TrainConfig:
     accum_steps: int = 1  # gradient accumulation: optimizer step every N batches
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     seed: int = 0
-    amp: bool = True  # bf16 autocast, CUDA only (ignored on the CPU)
+    amp: bool = True  # bf16 autocast of training: on CUDA, and on CPUs with bf16 in hardware (engine.runtime)
     compile: bool = False  # torch.compile, CUDA only
     # Frozen-backbone fast path (engine/heads.py): backbone features of this many views per
     # training image are cached (view 0 plain, the rest augmented); 1 = no augmentation.

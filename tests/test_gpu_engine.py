@@ -55,7 +55,28 @@ def test_cuda_defaults_and_cpu_defaults() -> None:
     assert for_device(torch.device("cuda"), TrainConfig(amp=False)).autocast is None
     compiled = for_device(torch.device("cuda"), TrainConfig(compile=True))
     assert compiled.compile_backend == "inductor" and not compiled.cuda_graph
-    assert for_device(CPU, TrainConfig()) == Runtime()
+
+
+def test_cpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU: channels_last always; bf16 autocast only where the CPU has it in hardware
+    (emulated bf16 is slower than fp32) and train.amp is on; nothing of the CUDA-only path."""
+    from catdog_hpo.engine import runtime
+
+    for native in (True, False):
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda native=native: native)
+        cpu = for_device(CPU, TrainConfig())
+        assert cpu == Runtime(autocast=torch.bfloat16 if native else None, channels_last=True)
+        assert for_device(CPU, TrainConfig(amp=False)) == Runtime(channels_last=True)
+    assert isinstance(runtime.cpu_has_native_bf16(), bool)
+
+
+def test_cpu_default_runtime_trains_and_replays(data: ImageSet) -> None:
+    """The CPU's default path (channels_last, bf16 where native) completes, and the same config and
+    seed give the same history: a trial's value and retrain's replay agree."""
+    cfg = cfg_with("adam", epochs=2)
+    a, b = fit(cfg, data, CPU), fit(cfg, data, CPU)
+    assert a.status == "completed" and [s.val_acc for s in a.history] == [s.val_acc for s in b.history]
+    assert [s.train_loss for s in a.history] == [s.train_loss for s in b.history]
 
 
 @pytest.mark.parametrize("optim", ["adam", "adamw", "sgd"])

@@ -184,7 +184,7 @@ class _Loop:
         return torch.autocast(self.train_x.device.type, dtype=self.rt.autocast)
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        # channels_last (NHWC) lets cuDNN use its fastest convolution kernels
+        # channels_last (NHWC) lets cuDNN and oneDNN (CPU) use their fastest convolution kernels
         return x.contiguous(memory_format=torch.channels_last) if self.rt.channels_last else x
 
     def _set_lr(self) -> None:
