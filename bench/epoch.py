@@ -8,6 +8,8 @@ initial weights (seed 0), on /work/shared/data/catdog-kaggle-3k (2,000 train / 1
   centre square scaled to PX; the one-time decode, or the cache read, is the "load s" column),
   random resized crop at strength 1 (torchvision's default scale 0.08-1 and ratio 3/4-4/3) +
   flip on the device. It drops the last partial batch (31 x 64 of the 2,000 images per epoch).
+  Two engine rows on the CPU: its default runtime (``for_device``: channels_last, bf16 autocast
+  where the CPU has bf16 in hardware) and plain fp32 NCHW (the engine's CPU path before it).
 - seed loop: torchvision ImageFolder + RandomResizedCrop(PX) + RandomHorizontalFlip + ToTensor
   + Normalize, DataLoader(batch 64, shuffle, num_workers=2), per-step ``loss.item()``; val:
   Resize(PX) + CenterCrop(PX). Every epoch decodes every JPEG again.
@@ -19,6 +21,7 @@ shared machine the fastest is the steadier number); val acc is after the last ep
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -35,6 +38,7 @@ from catdog_hpo.data import DataSource, load_images  # noqa: E402
 from catdog_hpo.engine.augment import MEAN, STD  # noqa: E402
 from catdog_hpo.engine.device import resolve_device  # noqa: E402
 from catdog_hpo.engine.models import build_model  # noqa: E402
+from catdog_hpo.engine.runtime import Runtime, for_device  # noqa: E402
 from catdog_hpo.engine.train import fit  # noqa: E402
 
 BATCH = 64
@@ -56,12 +60,14 @@ def trial_config(px: int, epochs: int) -> TrialConfig:
     )
 
 
-def run_engine(root: Path, px: int, epochs: int, device: torch.device) -> tuple[float, list[float], float]:
-    """(load seconds, seconds of each epoch, final val accuracy)."""
+def run_engine(root: Path, px: int, epochs: int, device: torch.device,
+               runtime: Runtime | None = None) -> tuple[float, list[float], float]:
+    """(load seconds, seconds of each epoch, final val accuracy). ``runtime``: None is the
+    device's default (for_device)."""
     start = time.perf_counter()
     data = load_images(DataSource(path=str(root)), px, REPO / "studies/cache")
     load_s = time.perf_counter() - start
-    result = fit(trial_config(px, epochs), data, device, on_epoch_end=lambda s: print(
+    result = fit(trial_config(px, epochs), data, device, runtime=runtime, on_epoch_end=lambda s: print(
         f"  engine {px} px epoch {s.epoch}: train loss {s.train_loss:.4f}, val acc {s.val_acc:.4f}, "
         f"{s.seconds:.1f} s", file=sys.stderr))
     assert result.status == "completed", result.reason
@@ -123,6 +129,12 @@ def run_seed_loop(root: Path, px: int, epochs: int, device: torch.device) -> tup
     return load_s, seconds, acc
 
 
+def describe(rt: Runtime) -> str:
+    parts = [f"{rt.autocast}".replace("torch.", "") + " autocast" if rt.autocast else "fp32",
+             "channels_last" if rt.channels_last else "NCHW"]
+    return ", ".join(parts + (["CUDA graph"] if rt.cuda_graph else []))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="image sizes, px")
@@ -138,8 +150,12 @@ def main() -> int:
           f"{os.cpu_count()} CPUs, {args.epochs} epochs, batch {BATCH}\n")
     rows = []
     for px in args.sizes:
-        for name, runner in (("engine (fit, uint8 on device)", run_engine),
-                             ("seed loop (ImageFolder + DataLoader)", run_seed_loop)):
+        default = for_device(device, trial_config(px, args.epochs).train)
+        runners = [(f"engine (fit, uint8 on device), default: {describe(default)}", run_engine)]
+        if device.type == "cpu":  # the CPU default against plain fp32 NCHW, the engine's old CPU path
+            runners.append(("engine, fp32 NCHW", functools.partial(run_engine, runtime=Runtime())))
+        runners.append(("seed loop (ImageFolder + DataLoader)", run_seed_loop))
+        for name, runner in runners:
             load_s, seconds, acc = runner(root, px, args.epochs, device)
             rows.append((px, name, load_s, sum(seconds) / len(seconds), min(seconds), acc))
     print("| px | pipeline | load s (once) | s/epoch (mean) | s/epoch (min) | val acc |")
