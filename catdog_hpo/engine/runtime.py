@@ -68,7 +68,7 @@ def for_device(device: torch.device, train: TrainConfig, cudnn_benchmark: bool =
     """The defaults: on CUDA bf16 autocast (train.amp), channels_last, fused optimizers and the
     graph-captured step (train.compile instead switches to torch.compile). On the CPU
     channels_last, and bf16 autocast (train.amp) where the CPU has bf16 in hardware: oneDNN's
-    NHWC convolutions and bf16 kernels, 1.8-2.3x faster epochs than fp32 NCHW on the 2-core
+    NHWC convolutions and bf16 kernels, 1.9x faster epochs than fp32 NCHW on the 2-core
     AVX512-BF16 box at the same accuracy (bench/epoch.py); validation stays fp32 either way."""
     if device.type != "cuda":
         bf16 = train.amp and device.type == "cpu" and cpu_has_native_bf16()
