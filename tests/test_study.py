@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import optuna
@@ -12,6 +13,7 @@ from optuna.trial import TrialState
 from catdog_hpo.data import DataSource
 from catdog_hpo.errors import UserError
 from catdog_hpo.search.objective import Budget
+from catdog_hpo.search.progress import pace
 from catdog_hpo.search.study import RunSettings, count, run
 from helpers import TINY_SPACE
 from study_factory import run_settings as settings, load_run_study as load
@@ -188,3 +190,19 @@ def test_storage_password_never_printed(workdir: Path, capsys: pytest.CaptureFix
     assert "hunter2" not in str(info.value) and "***" in str(info.value)
     assert "hunter2" not in capsys.readouterr().out
 
+
+def test_summary_counts_the_runs_wall_time_and_prints_no_absurd_rate(workdir: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    # A 2-trial study ends before its worker's session records an end (search.budget writes it
+    # every few seconds), so the summary read ~0 s from the store and printed
+    # "time: 0s of wall time; 2 trials (2745362618.2 trials/h)".
+    s = settings(workdir, trials=2)
+    assert run(s) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("time: "))
+    trial_s = sum(t.duration.total_seconds() for t in load(s).trials)  # one worker: they ran in turn
+    rate = re.search(r"; 2 trials \((\S+) trials/h\)", line)
+    assert rate is not None, line
+    # The run's wall time covers its trials, so its rate is at most theirs; no rate under a second.
+    assert rate.group(1) == "-" or float(rate.group(1)) <= 2 * 3600 / trial_s * 1.001, line
+    assert pace(2, 2.6e-6, None, None) == "- trials/h" and pace(2, 0.9, 5, None) == "- trials/h"
+    assert pace(2, 3600.0, None, None) == "2.0 trials/h"

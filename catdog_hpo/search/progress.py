@@ -14,9 +14,13 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from catdog_hpo.search.record import StudyKey, TrialKey
+from catdog_hpo.search import optuna_compat
+from catdog_hpo.search.record import BUDGET_SESSION_PREFIX, StudyKey, TrialKey
 
 _KEY_PARAMS = 5  # parameters shown per trial line
+# Below this much wall time no rate is printed: the summary of a 2-trial study whose time was
+# mismeasured as microseconds printed 2745362618.2 trials/h. Over a second the rate is real.
+MIN_PACE_S = 1.0
 
 
 def trial_line(t: FrozenTrial) -> str:
@@ -54,7 +58,7 @@ def pace(done: int, seconds: float, remaining: int | None, left_s: float | None)
     to run ``remaining`` more at that pace (or to the end of the budget, whichever is first)."""
     from catdog_hpo.search.budget import format_duration
 
-    if done <= 0 or seconds <= 0:
+    if done <= 0 or seconds < MIN_PACE_S:
         return "- trials/h"
     rate = done / seconds  # trials per second
     eta = remaining / rate if remaining is not None else math.inf
@@ -63,14 +67,24 @@ def pace(done: int, seconds: float, remaining: int | None, left_s: float | None)
     return f"{3600 * rate:.1f} trials/h" + ("" if math.isinf(eta) else f", ETA {format_duration(eta)}")
 
 
-def study_pace(study: optuna.Study) -> str:
-    """The run summary's line: trials, turned-away configs, wall time and trials per hour."""
-    from catdog_hpo.search.budget import format_duration, spent_seconds
+def study_pace(study: optuna.Study, since: float | None = None) -> str:
+    """The run summary's line: trials, turned-away configs, wall time and trials per hour.
+
+    ``since``: when this run started (epoch seconds). The wall time is the union of the stored
+    worker sessions (search.budget) and [since, now]: a session writes its end at most every
+    couple of seconds and not when its worker returns, so a short run recorded almost none of its
+    time (a 2-trial study: "0s of wall time"), and the stored sessions alone undercount any run.
+    """
+    from catdog_hpo.search.budget import format_duration, union_length
 
     trials = study.get_trials(deepcopy=False)
     done = sum(counted(t) for t in trials)
     rejected = sum(TrialKey.REJECTED in t.user_attrs for t in trials)
-    spent = spent_seconds(study)
+    attrs = study._storage.get_study_system_attrs(optuna_compat.study_id(study))
+    sessions = [(float(v[0]), float(v[1])) for k, v in attrs.items() if k.startswith(BUDGET_SESSION_PREFIX)]
+    if since is not None:
+        sessions.append((since, time.time()))
+    spent = union_length(sessions)
     budget = study.user_attrs.get(StudyKey.BUDGET_S)
     return (f"time: {format_duration(spent)} of wall time" + (f" of a {format_duration(budget)} budget" if budget else "")
             + f"; {done} trials ({pace(done, spent, None, None)}), {rejected} configs turned away before training")
@@ -121,6 +135,11 @@ class Progress:
         values = [t.values[0] for t in trials if t.state == TrialState.COMPLETE and t.values]
         best = max(values) if values else math.nan
         self._bar.set_postfix_str((f"best {best:.4f}" if values else "best -") + f", {self._pace()}", refresh=True)
+
+    @property
+    def started(self) -> float:
+        """When this run's progress began (epoch seconds), before any of its workers started."""
+        return self._start
 
     def close(self) -> None:
         self._bar.close()

@@ -381,7 +381,7 @@ def run(settings: RunSettings) -> int:
         interrupts.restore(previous)
     progress.poll()
     progress.close()
-    return _summary(study, target)
+    return _summary(study, target, since=progress.started)
 
 
 def _announce_budget(study: optuna.Study, settings: RunSettings) -> float | None:
@@ -397,7 +397,8 @@ def _announce_budget(study: optuna.Study, settings: RunSettings) -> float | None
     return budget_s
 
 
-def _summary(study: optuna.Study, target: int | None) -> int:
+def _summary(study: optuna.Study, target: int | None, since: float | None = None) -> int:
+    """The run's last lines; ``since``: when this run began, so its wall time counts in full."""
     finished, _, _ = count(study)
     completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not completed:
@@ -419,7 +420,7 @@ def _summary(study: optuna.Study, target: int | None) -> int:
     best = max(completed, key=lambda t: t.value if t.value is not None else -math.inf)
     print(f"done: {finished}/{target or finished} finished trials; best: trial {best.number}, "
           f"val accuracy {best.value:.4f}{over_baseline(study, best.value)}")
-    print(study_pace(study))
+    print(study_pace(study, since))
     print(f"next: catdog-hpo export --study {study.study_name}")
     return 0
 
