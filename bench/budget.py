@@ -1,26 +1,52 @@
-"""A study that fits the user's time: TPE + the default pruner (`run --sampler tpe --trials 100
---budget 60m`) vs random search without pruning and without --trials (as many as fit), the same
-wall-clock budget, side by side (one after the other, so they never share the cores).
+"""A fair search benchmark on one wall-clock budget: three arms, several seeds each.
 
-    .venv/bin/python bench/budget.py                 # 60m each on ../shared/data/catdog-kaggle-3k
-    .venv/bin/python bench/budget.py --quick         # 10m each
-    .venv/bin/python bench/budget.py --dataset synthetic --space quick --budget 30s   # smoke
-    .venv/bin/python bench/budget.py --out runs/b60 --only tpe    # one study now, kept in runs/b60;
-    .venv/bin/python bench/budget.py --out runs/b60               # the other later, then the table
+    (a) tpe-default     TPE    + the run command's default pruner (sha)
+    (b) random-default  random + the same default pruner       a vs b: the sampler's effect
+    (c) tpe-nopruner    TPE    + --pruner none                  a vs c: the pruner's effect
 
-Prints a markdown table: wall time, finished trials, configs turned away by the guard, best val
-accuracy, points over the baseline, and when TPE first reached random's final best (fraction of
-the budget). Each run goes to its own fresh store under a temporary folder, or under --out, where
-a study whose store is already there is read, not run again.
+Every (arm, seed) is a real `catdog-hpo run` subprocess (`--seed S`, `--budget`, no `--trials`: as
+many trials as fit) with its own study name in its own fresh SQLite store, one at a time (seed
+after seed, the three arms within a seed), so no two share the cores. The arms differ in their
+sampler or pruner flag only; the validation split is the same for all (split seed 0).
+
+    # full: ../shared/data/catdog-kaggle-3k, the seed-cnn space, 60m per arm: 3 x 3 x 60m = about 9.2 hours
+    .venv/bin/python bench/budget.py --out runs/fair60
+    # quick: CIFAR-10 cats/dogs at 32 px (../shared/data/cifar10-catdog-train, 20% held out),
+    # bench/cifar32.yaml, 4m per arm: 9 studies, about 38 minutes on the 2-core CPU
+    .venv/bin/python bench/budget.py --quick --out runs/fair4
+    # in pieces: one arm (or a,c) or some seeds now, the rest later into the same folder; a study
+    # already finished there is read, not rerun; the table covers every finished one
+    .venv/bin/python bench/budget.py --quick --out runs/fair4 --only a --seeds 0
+    # smoke (about 3.5 minutes; the cost model calibrates inside each budget: 10-60 s)
+    .venv/bin/python bench/budget.py --dataset synthetic --space quick --epochs 2 --budget 60s --seeds 0
+
+Prints three markdown tables: one row per study (finished, pruned and turned-away trials, best val
+accuracy, points over the baseline, wall seconds, when it first reached its own final best); one
+row per arm (median and min..max over the seeds of best val acc, finished trials, wall seconds and
+that time); and a line per comparison: the median bests' difference (and the per-seed paired
+differences), and when each arm first reached the other's median best (fraction of the budget,
+"never" counting as slowest). Times run from the first trial's start; the images are decoded into
+the folder's cache before the first study, so no arm's wall time includes decoding.
+
+Replaced (2026-12): the earlier script compared TPE + SHA with `--trials 100` against random
+search without pruning, one seed each, so its "reached random's best at" mixed the sampler's
+effect with the pruner's. `--only` now takes arm letters (a, b, c) instead of tpe/random;
+`--trials` (default: none) and `--epochs` (default: the space's) apply to every arm alike.
+`run_study`, `data_flags`, `reached` and `fmt` keep their signatures (bench/pruners.py uses them).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import math
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,49 +55,104 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 CLI = [sys.executable, "-m", "catdog_hpo"]
+QUICK_DATA = ROOT.parent / "shared" / "data" / "cifar10-catdog-train"
+QUICK_SPACE = ROOT / "bench" / "cifar32.yaml"
+QUICK_VAL_FRACTION = "0.2"  # the folder has no split: 2,000 of its 10,000 images validate
+
+
+@dataclass(frozen=True)
+class Arm:
+    key: str  # a, b, c: what --only takes
+    name: str
+    sampler: str
+    pruner: str | None  # None: the run command's default, the same for a and b whatever it is
+
+    def flags(self) -> list[str]:
+        return ["--sampler", self.sampler] + ([] if self.pruner is None else ["--pruner", self.pruner])
+
+
+ARMS = (Arm("a", "tpe-default", "tpe", None), Arm("b", "random-default", "random", None),
+        Arm("c", "tpe-nopruner", "tpe", "none"))
+COMPARISONS = (("sampler effect", "a", "b"), ("pruner effect", "a", "c"))
+
+
+# --------------------------------------------------------------------------- one study
 
 
 def data_flags(args: argparse.Namespace) -> list[str] | None:
+    """The run command's data flags, or None when the default folder is absent."""
     if args.dataset:
         return ["--dataset", args.dataset]
+    if getattr(args, "quick", False) and not args.data:
+        return ["--data", str(QUICK_DATA), "--val-fraction", QUICK_VAL_FRACTION] if QUICK_DATA.is_dir() else None
     from helpers import kaggle_path
 
     path = Path(args.data) if args.data else kaggle_path()
-    return ["--data", str(path)] if path is not None and path.is_dir() else None
+    # resolved: the subprocess runs in the output folder
+    return ["--data", str(path.resolve())] if path is not None and path.is_dir() else None
 
 
 def run_study(workdir: Path, name: str, flags: list[str]) -> dict[str, Any]:
-    """Run one study to the end in ``workdir``; its numbers (see the module docstring)."""
+    """Run one study to the end in ``workdir`` unless it finished there before; its numbers."""
+    storage = f"sqlite:///{workdir}/{name}.db"
+    if not done_file(workdir, name).exists():
+        _run_cli(workdir, name, storage, flags)
+    wall = _check_done(workdir, name, flags)
+    return {**read_study(name, storage), "wall": wall}
+
+
+def done_file(workdir: Path, name: str) -> Path:
+    return workdir / f"{name}.done.json"
+
+
+def _run_cli(workdir: Path, name: str, storage: str, flags: list[str]) -> None:
+    (workdir / f"{name}.db").unlink(missing_ok=True)  # an unfinished earlier run: start afresh
+    start = time.time()
+    proc = subprocess.run([*CLI, "run", "--study", name, "--storage", storage, "--no-progress", *flags],
+                          cwd=workdir, capture_output=True, text=True)
+    (workdir / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode not in (0, 1):  # 1: no trial completed, still a result of the arm
+        raise SystemExit(f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
+    # Written last, with the flags: its presence marks the study finished and what it ran
+    done_file(workdir, name).write_text(json.dumps({"wall_s": round(time.time() - start, 1), "flags": flags}))
+
+
+def _check_done(workdir: Path, name: str, flags: list[str]) -> float:
+    """The finished study's wall seconds; exits when it ran other flags (a reused --out)."""
+    done = json.loads(done_file(workdir, name).read_text())
+    if done["flags"] != flags:
+        raise SystemExit(f"{name} in {workdir} ran `{' '.join(done['flags'])}`, not `{' '.join(flags)}`: "
+                         "use another --out, or remove its files")
+    return float(done["wall_s"])
+
+
+def read_study(name: str, storage: str) -> dict[str, Any]:
+    """A finished study's numbers, from its store (the record's keys, via search.record)."""
     import optuna
     from optuna.trial import TrialState
 
     from catdog_hpo.search.budget import spent_seconds
-    from catdog_hpo.search.record import TrialKey
+    from catdog_hpo.search.record import StudyInfo, TrialRecord
     from catdog_hpo.search.study import baseline_trial, counts_toward_n
 
-    storage = f"sqlite:///{workdir}/{name}.db"
-    wall_file = workdir / f"{name}.wall_s"
-    if not wall_file.exists():
-        (workdir / f"{name}.db").unlink(missing_ok=True)  # an unfinished earlier run: start afresh
-        start = time.time()
-        proc = subprocess.run([*CLI, "run", "--study", name, "--storage", storage, "--no-progress", *flags],
-                              cwd=workdir, capture_output=True, text=True)
-        if proc.returncode not in (0, 1):
-            raise SystemExit(f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
-        wall_file.write_text(f"{time.time() - start:.1f}\n")
-        (workdir / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    wall = float(wall_file.read_text())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=name, storage=storage)
+    info = StudyInfo.from_study(study)
     trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    records = [TrialRecord.from_trial(t) for t in trials]
+    done = [t for t, r in zip(trials, records)
+            if t.state == TrialState.COMPLETE and t.value is not None and not r.rejected]
     t0 = min((t.datetime_start for t in trials if t.datetime_start), default=None)
     curve = sorted(((t.datetime_complete - t0).total_seconds(), t.value) for t in done) if t0 else []
-    base = baseline_trial(study)
     best = max((v for _, v in curve), default=None)
-    return {"name": name, "wall": wall, "spent": spent_seconds(study),
+    base = baseline_trial(study)
+    return {"name": name, "sampler": info.sampler, "pruner": info.pruner, "seed": info.seed,
+            "budget_s": info.budget_s, "spent": spent_seconds(study),
             "finished": sum(counts_toward_n(t) for t in trials),
-            "rejected": sum(TrialKey.REJECTED in t.user_attrs for t in trials),
+            "pruned": sum(t.state == TrialState.PRUNED and not r.rejected for t, r in zip(trials, records)),
+            "rejected": sum(bool(r.rejected) for r in records),
             "best": best, "curve": curve,
+            "own_best_at": _fraction(reached(curve, best), info.budget_s),
             "over_baseline": None if best is None or base is None or base.value is None else 100 * (best - base.value)}
 
 
@@ -82,58 +163,173 @@ def reached(curve: list[tuple[float, float]], target: float | None) -> float | N
     return next((s for s, v in curve if v >= target - 1e-12), None)
 
 
+def _fraction(seconds: float | None, budget_s: float | None) -> float:
+    """Seconds as a fraction of the budget; inf for never (the slowest, in a median)."""
+    return math.inf if seconds is None or not budget_s else seconds / budget_s
+
+
+def warm_cache(workdir: Path, flags: list[str]) -> None:
+    """Decode the images into the run command's cache under ``workdir`` before the first study,
+    so the first arm's wall time is not the only one with the decoding in it."""
+    from catdog_hpo.cli import build_parser
+    from catdog_hpo.cli.common import STUDIES_DIR, data_source
+    from catdog_hpo.data import load_images
+    from catdog_hpo.search.space_files import base_image_size, load_space
+
+    args = build_parser().parse_args(["run", *flags])  # the run command's own defaults (space, split)
+    with contextlib.chdir(workdir):  # its cache and built-in datasets are relative to its cwd
+        load_images(data_source(args), base_image_size(load_space(args.space)), STUDIES_DIR / "cache")
+
+
+# --------------------------------------------------------------------------- the tables
+
+
 def fmt(v: Any, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    if v is None:
+        return "-"
+    return "never" if isinstance(v, float) and math.isinf(v) else format(v, spec)
+
+
+def spread(values: list[float], spec: str) -> str:
+    """'median (min..max)' over the seeds; one value when they agree."""
+    if not values:
+        return "-"
+    if min(values) == max(values):
+        return fmt(values[0], spec)
+    return f"{fmt(statistics.median(values), spec)} ({fmt(min(values), spec)}..{fmt(max(values), spec)})"
+
+
+def _bests(rows: list[dict[str, Any]]) -> list[float]:
+    return [r["best"] for r in rows if r["best"] is not None]
+
+
+def print_studies(results: dict[str, list[dict[str, Any]]]) -> None:
+    print("| study | sampler | pruner | finished | pruned | turned away | best val acc | points over baseline "
+          "| wall (s) | budget spent (s) | reached own best at |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for rows in results.values():
+        for r in rows:
+            print(f"| {r['name']} | {r['sampler']} | {r['pruner']} | {r['finished']} | {r['pruned']} | "
+                  f"{r['rejected']} | "
+                  f"{fmt(r['best'], '.4f')} | {fmt(r['over_baseline'], '+.1f')} | {r['wall']:.0f} | {r['spent']:.0f} | "
+                  f"{fmt(r['own_best_at'], '.2f')} |")
+
+
+def print_arms(results: dict[str, list[dict[str, Any]]]) -> None:
+    print("| arm | sampler | pruner | seeds | best val acc | finished trials | wall (s) "
+          "| reached own best at (of budget) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for arm in ARMS:
+        rows = results.get(arm.key, [])
+        if not rows:
+            continue
+        print(f"| {arm.key} {arm.name} | {rows[0]['sampler']} | {rows[0]['pruner']} | {len(rows)} | "
+              f"{spread(_bests(rows), '.4f')} | {spread([r['finished'] for r in rows], '.0f')} | "
+              f"{spread([r['wall'] for r in rows], '.0f')} | {spread([r['own_best_at'] for r in rows], '.2f')} |")
+
+
+def comparison(label: str, first: list[dict[str, Any]], second: list[dict[str, Any]], keys: tuple[str, str]) -> str:
+    """One line: the median bests' difference, the paired per-seed differences, and when each arm
+    first reached the other's median best (median over its seeds, fraction of the budget)."""
+    x, y = keys
+    if not _bests(first) or not _bests(second):
+        return f"- {label} ({x} - {y}): not both arms have a result yet"
+    mx, my = statistics.median(_bests(first)), statistics.median(_bests(second))
+    by_seed = {r["seed"]: r["best"] for r in second}
+    paired = [100 * (r["best"] - by_seed[r["seed"]]) for r in first
+              if r["best"] is not None and by_seed.get(r["seed"]) is not None]
+    x_at = [_fraction(reached(r["curve"], my), r["budget_s"]) for r in first]
+    y_at = [_fraction(reached(r["curve"], mx), r["budget_s"]) for r in second]
+    return (f"- {label} ({x} - {y}): {100 * (mx - my):+.1f} points of median best val acc ({mx:.4f} vs {my:.4f}; "
+            f"paired by seed: {', '.join(f'{d:+.1f}' for d in paired) or '-'}); {x} reached {y}'s median best at "
+            f"{spread(x_at, '.2f')} of the budget, {y} reached {x}'s at {spread(y_at, '.2f')}")
+
+
+def report(results: dict[str, list[dict[str, Any]]], header: str, missing: list[str]) -> None:
+    print(f"\n{header}\n")
+    print_studies(results)
+    print()
+    print_arms(results)
+    print()
+    for label, x, y in COMPARISONS:
+        print(comparison(label, results.get(x, []), results.get(y, []), (x, y)))
+    if missing:
+        print(f"\nnot run yet: {', '.join(missing)}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="CIFAR-10 cats/dogs at 32 px, bench/cifar32.yaml, 4m per arm (about 38 minutes for 3 seeds)")
+    p.add_argument("--seeds", default="0,1,2", help="study seeds, comma-separated (default: 0,1,2)")
+    p.add_argument("--only", default=None, help="run just these arms now, e.g. a or a,c (needs --out)")
+    p.add_argument("--out", default=None, help="keep stores and logs here; a study finished there is read, not rerun")
+    # Overrides, for smoke runs and other data
+    p.add_argument("--budget", default=None, help="per study (default 60m; --quick: 4m)")
+    p.add_argument("--trials", type=int, default=None, help="--trials for every arm (default: as many as fit)")
+    p.add_argument("--epochs", type=int, default=None, help="--epochs for every arm (default: the space's)")
+    p.add_argument("--data", default=None, help="image folder (default: kaggle-3k; --quick: cifar10-catdog-train)")
+    p.add_argument("--dataset", default=None, help="a built-in dataset instead (synthetic for a smoke run)")
+    p.add_argument("--space", default=None,
+                   help="search space (default: the run command's; --quick: bench/cifar32.yaml)")
+    args = p.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.only = None if args.only is None else [k.strip() for k in args.only.split(",") if k.strip()]
+    if args.only and not set(args.only) <= {a.key for a in ARMS}:
+        p.error(f"--only {','.join(args.only)}: arms are {', '.join(a.key for a in ARMS)}")
+    if args.only and not args.out:
+        p.error("--only needs --out (the other arms run later into the same folder)")
+    return args
+
+
+def common_flags(args: argparse.Namespace, data: list[str]) -> list[str]:
+    budget = args.budget or ("4m" if args.quick else "60m")
+    space = args.space or (str(QUICK_SPACE) if args.quick else None)
+    if space is not None and Path(space).is_file():
+        space = str(Path(space).resolve())  # the subprocess runs in the output folder
+    return ([*data, "--budget", budget] + (["--space", space] if space else [])
+            + (["--trials", str(args.trials)] if args.trials else [])
+            + (["--epochs", str(args.epochs)] if args.epochs else []))
+
+
+def study_name(arm: Arm, seed: int) -> str:
+    return f"{arm.key}-{arm.name}-seed{seed}"
+
+
+def study_flags(common: list[str], arm: Arm, seed: int) -> list[str]:
+    return [*common, "--seed", str(seed), *arm.flags()]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget", default=None, help="per study (default 60m; --quick: 10m)")
-    p.add_argument("--quick", action="store_true", help="10 minutes per study")
-    p.add_argument("--trials", type=int, default=100, help="the TPE study's --trials (random runs as many as fit)")
-    p.add_argument("--data", default=None, help="image folder (default: ../shared/data/catdog-kaggle-3k)")
-    p.add_argument("--dataset", default=None, help="a built-in dataset instead (synthetic for a smoke run)")
-    p.add_argument("--space", default=None, help="search space (default: the run command's)")
-    p.add_argument("--out", default=None, help="keep the stores and logs here; a study already there is read, not rerun")
-    p.add_argument("--only", choices=["tpe", "random"], default=None, help="run just this study (with --out)")
-    args = p.parse_args(argv)
-    budget = args.budget or ("10m" if args.quick else "60m")
+    args = parse_args(argv)
     data = data_flags(args)
     if data is None:
-        print("skipped: no data (../shared/data/catdog-kaggle-3k absent; pass --data DIR or --dataset NAME)")
+        print("skipped: no data (../shared/data/catdog-kaggle-3k or cifar10-catdog-train absent; "
+              "pass --data DIR or --dataset NAME)")
         return 0
-    from catdog_hpo.search.budget import format_duration, parse_duration
-
-    budget_s = parse_duration(budget)
-    common = [*data, "--budget", budget] + (["--space", args.space] if args.space else [])
-    if args.only and not args.out:
-        p.error("--only needs --out (the other study runs later into the same folder)")
-    # Random search runs without --trials: as many trials as the budget fits, so the guard turns
-    # away only what cannot finish. With --trials 100 its fair share (72 s at the start) refused
-    # every full unpruned 20-epoch trial but the smallest, and 25 refusals in a row ended it at
-    # 7 minutes (measured): no baseline to compare with.
-    studies = {"tpe": ("tpe-default", [*common, "--trials", str(args.trials), "--sampler", "tpe"]),
-               "random": ("random-nopruning", [*common, "--sampler", "random", "--pruner", "none"])}
+    common = common_flags(args, data)
+    todo = [(arm, s) for s in args.seeds for arm in ARMS if args.only is None or arm.key in args.only]
     with tempfile.TemporaryDirectory(prefix="catdog-bench-budget-") as tmp:
-        out = Path(args.out) if args.out else Path(tmp)
+        out = Path(args.out).resolve() if args.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        if args.only:
-            r = run_study(out, *studies[args.only])
-            print(f"{r['name']}: {r['finished']} finished, {r['rejected']} turned away, best {fmt(r['best'], '.4f')}, "
-                  f"{fmt(r['over_baseline'], '+.1f')} over the baseline, {r['wall']:.0f} s")
-            return 0
-        tpe = run_study(out, *studies["tpe"])
-        rnd = run_study(out, *studies["random"])
-    when = reached(tpe["curve"], rnd["best"])
-    print(f"\nbudget {format_duration(budget_s)} per study; TPE --trials {args.trials}, random as many as fit; "
-          f"data {' '.join(data)}\n")
-    print("| study | wall (s) | budget spent (s) | finished trials | turned away | best val acc | points over baseline | reached random's best at |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in (tpe, rnd):
-        at = (fmt(when / budget_s, ".2f") + " of the budget") if r is tpe and when is not None else \
-            ("never" if r is tpe else "-")
-        print(f"| {r['name']} | {r['wall']:.0f} | {r['spent']:.0f} | {r['finished']} | {r['rejected']} | "
-              f"{fmt(r['best'], '.4f')} | {fmt(r['over_baseline'], '+.1f')} | {at} |")
+        if any(not done_file(out, study_name(arm, s)).exists() for arm, s in todo):
+            warm_cache(out, common)
+        for arm, seed in todo:  # seed after seed: a stopped run leaves whole seeds behind
+            run_study(out, study_name(arm, seed), study_flags(common, arm, seed))
+        results: dict[str, list[dict[str, Any]]] = {}
+        missing = []
+        for arm in ARMS:
+            for seed in args.seeds:
+                name = study_name(arm, seed)
+                if done_file(out, name).exists():
+                    results.setdefault(arm.key, []).append(run_study(out, name, study_flags(common, arm, seed)))
+                else:
+                    missing.append(name)
+    report(results, f"budget {common[common.index('--budget') + 1]} per study, seeds {','.join(map(str, args.seeds))}; "
+           f"flags: {' '.join(common)}", missing)
     return 0
 
 
