@@ -12,13 +12,17 @@ on what the pixels show. Rows:
    - plain loop: an ImageFolder-like Dataset over in-memory uint8 images, per-image torchvision
      transforms in a DataLoader (4 workers), fp32, per-step ``loss.item()``.
    img/s: training images per second of wall time over the epochs after the first (an epoch
-   includes its validation pass); 1st epoch s (graph capture, autotuning); busy: the fraction of
-   one steady epoch's wall time in which a kernel or copy ran (torch.profiler, CUDA activity).
+   includes its validation pass); 1st epoch s (graph capture, autotuning); busy: the time in
+   which a kernel or copy ran during the last epoch (torch.profiler, CUDA activity) over the wall
+   time of an unprofiled steady epoch (the profiler's own host overhead would weigh on the eager
+   rows more than on the graph rows); n/a without CUDA activity recorded. Every row sets the
+   backend flags itself: TF32 and cuDNN autotuning as its label says (the plain loop: neither).
    The graph and eager rows train the same seed: their final train losses are printed side by
    side (bf16 rounding aside they must agree: the check that the captured step is the eager one).
 2. trials/hour: K = 1, 2, 4, 8 worker processes on GPU 0, each pinned as a run's workers are
    (CUDA_VISIBLE_DEVICES, expandable segments, 2 CPU threads), each running M trials of the
-   seed-000 CNN at 64 px after one warm-up trial; wall time from a shared start barrier.
+   seed-000 CNN at 64 px after one warm-up trial, with a run's memory share (1/K of the GPU);
+   wall time from a shared start barrier (a worker that dies first ends the row, no hang).
 
 Run: .venv/bin/python bench/gpu.py [--device cuda] [--smoke]   (--device cpu --smoke: seconds)
 Targets: >= 50% busy for the seed CNN at 64 px; >= 3x the plain loop's img/s; K=4 >= 2x K=1.
@@ -31,7 +35,9 @@ import dataclasses
 import math
 import multiprocessing as mp
 import os
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +71,8 @@ FULL = Sizes(n_train=16384, n_val=4096, epochs=3, plain_images=4096, k_values=(1
              k_train=8192, k_epochs=2, k_size=64)
 SMOKE = Sizes(n_train=64, n_val=32, epochs=2, plain_images=64, k_values=(1, 2), k_trials=1,
               k_train=64, k_epochs=1, k_size=16)
+START_TIMEOUT_S = 300.0  # seconds for the K workers to load and run their warm-up trial
+RUN_TIMEOUT_S = 600.0  # seconds for the K workers' timed trials
 
 
 def synthetic(n_train: int, n_val: int, size: int, device: torch.device, seed: int = 0) -> ImageSet:
@@ -106,6 +114,22 @@ def _kernel_busy(prof: Any) -> float:
     return total
 
 
+def set_backends(cudnn_benchmark: bool, tf32: bool) -> None:
+    """The process-wide backend flags a row runs with, set per row: a row must not inherit them
+    from the row before (fit's apply_backends sets cudnn.benchmark and never resets it)."""
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def busy_fraction(kernel_s: float, steady_epoch_s: list[float]) -> float:
+    """Kernel time of the profiled epoch over the mean wall time of the unprofiled steady epochs;
+    NaN (printed n/a) without CUDA activity or without an unprofiled steady epoch."""
+    if kernel_s <= 0 or not steady_epoch_s:
+        return math.nan
+    return kernel_s / (sum(steady_epoch_s) / len(steady_epoch_s))
+
+
 def engine_run(cfg: TrialConfig, data: ImageSet, device: torch.device, rt: Runtime) -> dict[str, float]:
     """images/s over the epochs after the first, first-epoch seconds, busy fraction of the last
     epoch (profiled on CUDA), final train loss."""
@@ -127,19 +151,21 @@ def engine_run(cfg: TrialConfig, data: ImageSet, device: torch.device, rt: Runti
             except Exception as exc:  # no CUPTI here: the busy column says n/a
                 print(f"(profiler unavailable: {exc})", file=sys.stderr)
                 return
-            prof["p"], prof["t0"] = p, time.perf_counter()
+            prof["p"] = p
         elif stats.epoch == cfg.train.epochs and "p" in prof:
             torch.cuda.synchronize()
-            wall = time.perf_counter() - prof["t0"]
             prof["p"].__exit__(None, None, None)
-            prof["busy"] = _kernel_busy(prof["p"]) / 1e6 / wall
+            prof["kernel_s"] = _kernel_busy(prof["p"]) / 1e6  # us -> s
 
+    set_backends(rt.cudnn_benchmark, tf32=True)  # configure_process's TF32, the row's autotuning
     result = fit(cfg, data, device, on_epoch_end=on_epoch_end, runtime=rt)
     h = result.history
     images = (data.train_x.shape[0] // cfg.train.batch_size) * cfg.train.batch_size
-    timed = (h[1:-1] if cuda else h[1:]) or h[-1:]  # not the first, not the profiled (profiler overhead)
+    steady = h[1:-1] if cuda else h[1:]  # not the first, not the profiled (profiler overhead)
+    timed = steady or h[-1:]
+    busy = busy_fraction(prof.get("kernel_s", 0.0), [s.seconds for s in steady])
     return {"img_s": images * len(timed) / sum(s.seconds for s in timed), "first_s": h[0].seconds,
-            "busy": prof.get("busy", math.nan), "loss": h[-1].train_loss}
+            "busy": busy, "loss": h[-1].train_loss}
 
 
 # --------------------------------------------------------------------------- the plain loop
@@ -168,6 +194,7 @@ def plain_loop(cfg: TrialConfig, data: ImageSet, device: torch.device, images: i
     """images/s of the tutorial loop: DataLoader, fp32, loss.item() every step."""
     from catdog_hpo.engine.models import build_model
 
+    set_backends(cudnn_benchmark=False, tf32=False)  # PyTorch's defaults, but true fp32 convolutions too
     x, y = data.train_x[:images].cpu(), data.train_y[:images].cpu()
     loader = torch.utils.data.DataLoader(
         _InMemoryFolder(x, y, cfg.image_size), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
@@ -197,36 +224,89 @@ def plain_loop(cfg: TrialConfig, data: ImageSet, device: torch.device, images: i
 # --------------------------------------------------------------------------- K workers on one GPU
 
 
-def _k_worker(device: str, shared: bool, sizes: Sizes, smoke: bool, barrier: Any, out: Any) -> None:
-    from catdog_hpo.engine.device import pin_worker_device
+def _k_worker(device: str, k: int, sizes: Sizes, smoke: bool, barrier: Any, out: Any) -> None:
+    from catdog_hpo.engine.device import free_device_memory, pin_worker_device
     from catdog_hpo.engine.train import fit
 
-    device = pin_worker_device(device, shared)  # before any CUDA call, as a run's worker does
-    configure_process(device, shared_gpu=shared)
+    device = pin_worker_device(device, k > 1)  # before any CUDA call, as a run's worker does
+    configure_process(device, workers_on_gpu=k if device != "cpu" else 1)  # a run's memory share
     dev = torch.device(device)
     data = synthetic(sizes.k_train, sizes.k_train // 4, sizes.k_size, dev)
     cfg = trial_config("cnn", sizes.k_size, sizes.k_epochs, smoke)
     fit(cfg, data, dev)  # warm-up trial: CUDA context, cuDNN/cuBLAS handles
-    barrier.wait()
+    barrier.wait(timeout=START_TIMEOUT_S)  # the parent gone or aborted: BrokenBarrierError, exit
     for seed in range(sizes.k_trials):
         fit(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed + 1)), data, dev)
+        free_device_memory()  # as a run's worker does after every trial
     if dev.type == "cuda":
         torch.cuda.synchronize()
     out.put(time.time())
+
+
+def wait_barrier(barrier: Any, procs: list[Any], timeout_s: float, poll_s: float = 0.2) -> None:
+    """The parent's wait at the workers' start barrier. A worker that exits first (it died: a
+    live one waits at the barrier) or ``timeout_s`` passing aborts the barrier, so the workers
+    still waiting stop too, and raises RuntimeError; a plain barrier.wait() would hang for good.
+    ``procs``: anything with ``exitcode`` (None while running)."""
+    broken: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError as exc:
+            broken.append(exc)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    deadline = time.monotonic() + timeout_s
+    while waiter.is_alive():
+        codes = [p.exitcode for p in procs if p.exitcode is not None]
+        if codes or time.monotonic() > deadline:
+            barrier.abort()
+            waiter.join(timeout=5.0)
+            why = f"a worker exited (code {codes[0]})" if codes else f"not all ready after {timeout_s:.0f} s"
+            raise RuntimeError(f"K-run start barrier: {why}")
+        waiter.join(timeout=poll_s)
+    if broken:
+        raise RuntimeError("K-run start barrier: broken") from broken[0]
+
+
+def _collect(out: Any, procs: list[Any], timeout_s: float) -> list[float]:
+    """One end time per worker; RuntimeError when one exits without it or time runs out."""
+    ends: list[float] = []
+    deadline = time.monotonic() + timeout_s
+    while len(ends) < len(procs):
+        try:
+            ends.append(out.get(timeout=1.0))
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                raise RuntimeError(f"K run: a worker failed (exit codes {[p.exitcode for p in procs]})") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"K run: not done after {timeout_s:.0f} s") from None
+    return ends
 
 
 def trials_per_hour(k: int, device: torch.device, sizes: Sizes, smoke: bool) -> float:
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(k + 1), ctx.Queue()
     name = "cuda:0" if device.type == "cuda" else "cpu"
-    procs = [ctx.Process(target=_k_worker, args=(name, k > 1, sizes, smoke, barrier, out)) for _ in range(k)]
+    procs = [ctx.Process(target=_k_worker, args=(name, k, sizes, smoke, barrier, out)) for _ in range(k)]
     for p in procs:
         p.start()
-    barrier.wait()
-    start = time.time()
-    ends = [out.get(timeout=600) for _ in procs]
-    for p in procs:
-        p.join()
+    try:
+        wait_barrier(barrier, procs, START_TIMEOUT_S)
+        start = time.time()
+        ends = _collect(out, procs, RUN_TIMEOUT_S)
+    except BaseException:
+        for p in procs:  # a failed row must not leave workers holding the GPU
+            p.kill()
+        raise
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():  # done but stuck in its exit: its result is in
+                p.kill()
+                p.join()
     return k * sizes.k_trials / (max(ends) - start) * 3600
 
 
@@ -275,7 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|")
     first = None
     for k in args.k or sizes.k_values:
-        tph = trials_per_hour(k, device, sizes, args.smoke)
+        try:
+            tph = trials_per_hour(k, device, sizes, args.smoke)
+        except RuntimeError as exc:  # one K failed (a worker died, timed out): the other rows still run
+            print(f"| {k} | failed: {exc} | |", flush=True)
+            continue
         first = first or tph
         print(f"| {k} | {tph:,.0f} | {tph / first:.2f}x |", flush=True)
     print(f"\n(K-run trial: seed-000 CNN, {sizes.k_size} px, {sizes.k_train} train images, {sizes.k_epochs} epochs; "

@@ -110,12 +110,17 @@ _STICKY_MARKS = ("illegal memory access", "illegal instruction", "misaligned add
                  "unspecified launch failure", "device-side assert", "CUBLAS_STATUS_EXECUTION_FAILED",
                  "CUDNN_STATUS_EXECUTION_FAILED", "CUDNN_STATUS_INTERNAL_ERROR", "uncorrectable ECC",
                  "an illegal", "hardware stack error", "context is destroyed")
+# CUDA errors of one config's launch that leave the context working: the same config fails the
+# same way in any process, so a fresh worker would only die on it again.
+_REPEATABLE_MARKS = ("invalid configuration argument", "no kernel image", "invalid device function",
+                     "too many resources requested", "invalid argument", "operation not supported")
 
 
 def classify_cuda_error(exc: BaseException) -> str | None:
-    """"oom" (free memory, the next trial may fit), "sticky" (the process's CUDA context is
-    broken: restart the worker) or None (not a CUDA failure). Follows ``__cause__`` and
-    ``__context__``: torch.compile wraps errors raised while compiling."""
+    """"oom" (free memory, the next trial may fit), "sticky" (the process's CUDA context may be
+    broken: confirm with ``cuda_context_works``, then restart the worker) or None (not a CUDA
+    failure, or one of this config only). Follows ``__cause__`` and ``__context__``:
+    torch.compile wraps errors raised while compiling."""
     seen: set[int] = set()
     kind: str | None = None
     e: BaseException | None = exc
@@ -138,13 +143,48 @@ def _classify_one(e: BaseException) -> str | None:
         return "sticky"
     if any(m in text for m in _OOM_MARKS):
         return "oom"
+    if any(m in text for m in _REPEATABLE_MARKS):
+        return None
     if accel is not None and isinstance(e, accel):
-        return "sticky"  # an unknown CUDA runtime error: assume the context is gone
+        return "sticky"  # an unknown CUDA runtime error: suspect the context, the probe decides
     return None
 
 
+def cuda_context_works(device: torch.device) -> bool | None:
+    """Whether this process's CUDA context still runs work on ``device``: one tiny allocation, a
+    kernel, a synchronize (a sticky error is returned by every later synchronize). None where
+    there is no context to probe (a CPU device, CUDA never initialised in this process)."""
+    if device.type != "cuda" or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    try:
+        x = torch.ones(1, device=device)  # may come from the cache without a driver call
+        x.add_(1)  # a launch: fails at once on a broken context
+        torch.cuda.synchronize(device)
+        return bool(x.item() == 2.0)
+    except Exception:  # noqa: BLE001 (any CUDA failure here means the context is gone)
+        return False
+
+
 def free_device_memory() -> None:
-    """Collect garbage, then hand the CUDA caching allocator's free blocks back to the driver."""
+    """Collect garbage, then hand the CUDA caching allocator's free blocks back to the driver.
+    Never after a sticky error: ``empty_cache`` itself raises then."""
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+# Share of a GPU's memory kept out of every worker's cap: each process's CUDA context (~0.5 GiB)
+# and the allocator's fragmentation live outside what set_per_process_memory_fraction counts.
+GPU_HEADROOM = 0.10
+
+
+def gpu_memory_share(workers_on_gpu: int) -> float | None:
+    """The fraction of its GPU's memory one of ``workers_on_gpu`` worker processes may allocate
+    (torch.cuda.set_per_process_memory_fraction), or None for a worker alone on its GPU (no cap).
+    An equal share each: one worker's large trial then fails in that worker (OOM, a fact of the
+    config at this share) instead of in a neighbour's trial, which would teach the sampler a lie."""
+    if workers_on_gpu < 1:
+        raise ValueError(f"workers_on_gpu={workers_on_gpu}: expected at least 1")
+    if workers_on_gpu == 1:
+        return None
+    return (1.0 - GPU_HEADROOM) / workers_on_gpu

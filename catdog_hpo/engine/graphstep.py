@@ -9,8 +9,9 @@ What capture needs, and how this module provides it:
   schedule runs on a shadow optimizer whose Python float lr is written into it (``set_lr``);
 - an optimizer step without host syncs: fused Adam/AdamW with ``capturable=True``; torch's SGD
   has no capturable mode, so SGD is ``ForeachSGD`` below (foreach ops, device lr);
-- warm-up: the first ``WARMUP_STEPS`` steps run eagerly on a side stream (they are real
-  training steps: optimizer state is created there), then the step is captured and replayed;
+- warm-up: the first ``WARMUP_STEPS`` steps run eagerly on a side stream, one per StaticStep
+  (they are real training steps: optimizer state is created there), then the step is captured
+  and replayed;
 - autocast with ``cache_enabled=False`` (the weight-cast cache must not outlive a capture).
 
 Without ``capture`` (the CPU, or a failed capture) the same static step runs eagerly: the tests
@@ -62,16 +63,18 @@ class ForeachSGD:
             p.grad = None
 
 
-def graph_optimizer(params: list[nn.Parameter], o: OptimConfig, device: torch.device, fused: bool,
-                    capturable: bool) -> tuple[torch.optim.Optimizer | ForeachSGD, torch.Tensor]:
-    """(optimizer, its lr tensor) for the static step; the lr tensor lives on ``device``."""
+def graph_optimizer(params: list[nn.Parameter], o: OptimConfig, device: torch.device,
+                    fused: bool) -> tuple[torch.optim.Optimizer | ForeachSGD, torch.Tensor]:
+    """(optimizer, its lr tensor) for the static step; the lr tensor lives on ``device``.
+    On CUDA always capturable, captured or not: the step count stays on the device, and the
+    single-tensor Adam would read a tensor lr back to the host per parameter per step."""
     assert o.name in GRAPH_OPTIMIZERS, o.name
     lr = torch.tensor(o.lr, dtype=torch.float32, device=device)
     if o.name == "sgd":
         return ForeachSGD(params, o, lr), lr
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-    # a tensor lr needs fused, capturable or the single-tensor loop (the CPU's plain fallback);
-    # capturable keeps the step count on the device (no host read per step)
+    capturable = device.type == "cuda"  # torch's capturable mode runs on CUDA, not the CPU
+    # a tensor lr needs fused, capturable or the single-tensor loop (the CPU's plain fallback)
     foreach = None if fused else capturable
     opt = cls(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused or None, foreach=foreach,
               capturable=capturable)
@@ -95,6 +98,9 @@ class StaticStep:
         self.capture = capture
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps = 0
+        # the warm-up's side stream, made once: each torch.cuda.Stream() hands out the pool's next
+        # stream, so a stream per step ran every warm-up step on another one
+        self.side = torch.cuda.Stream(device=x_like.device) if capture else None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast is None:
@@ -125,11 +131,10 @@ class StaticStep:
         self.optimizer.zero_grad(set_to_none=True)
         if self.capture:  # warm-up on a side stream, as capture will run (CUDA graph docs)
             dev = self.static_x.device
-            side = torch.cuda.Stream(device=dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
+            self.side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(self.side):
                 self._body()
-            torch.cuda.current_stream(dev).wait_stream(side)
+            torch.cuda.current_stream(dev).wait_stream(self.side)
         else:
             self._body()
 
@@ -143,6 +148,9 @@ class StaticStep:
             with torch.cuda.device(self.static_x.device), torch.cuda.graph(graph):
                 self._body()
         except Exception as exc:  # an op that cannot be captured: keep training without a graph
+            stop = _stop_request(exc)
+            if stop is not None:  # a signal mid-capture, then capture_end failed on top of it
+                raise stop from None
             print(f"warning: CUDA graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                   "training this trial without it", file=sys.stderr)
             self.capture = False
@@ -156,3 +164,17 @@ class StaticStep:
         out = self.loss_sum.clone()
         self.loss_sum.zero_()
         return out
+
+
+def _stop_request(exc: BaseException) -> BaseException | None:
+    """A KeyboardInterrupt or SIGTERM (any BaseException that is not an Exception) that ``exc``
+    was raised while handling: torch.cuda.graph's exit ends the capture even when the body
+    raised, and an error there would otherwise hide the stop request under a capture failure."""
+    seen: set[int] = set()
+    e: BaseException | None = exc.__context__
+    while e is not None and id(e) not in seen:
+        if not isinstance(e, Exception):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None

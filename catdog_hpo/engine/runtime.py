@@ -6,7 +6,8 @@ so the CUDA branches can be run on the CPU in tests by passing them explicitly. 
 gives the defaults: the fast path on CUDA; on the CPU channels_last, and bf16 where it is native.
 
 ``configure_process`` is called once per process before training (CLI or worker): TF32 for fp32
-matmuls on CUDA, determinism when asked, and the CPU thread pool of a worker.
+matmuls on CUDA, determinism when asked, and for a worker sharing its GPU with others its memory
+share (cap, per-trial buffers) and CPU thread pool.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from catdog_hpo.config import TrainConfig
+from catdog_hpo.engine.device import gpu_memory_share
 
 # Values (floats) augmented at once: an epoch is augmented in chunks of this many values, so one
 # batched augmentation covers many training batches (fewer kernel launches) at bounded memory.
@@ -48,13 +50,17 @@ class Runtime:
     compile_backend: str | None = None  # torch.compile backend ("inductor", "eager"), None: off
     cudnn_benchmark: bool = False  # cuDNN autotuning: off, it re-tunes each trial's new shapes
     aug_chunk_values: int = AUG_CHUNK_VALUES_CPU
+    # worker processes sharing this GPU: each trial's device buffers (the augmented chunk, the
+    # resident normalised val set) get 1/K of their budget, as the worker gets 1/K of the memory
+    gpu_workers: int = 1
 
     def __post_init__(self) -> None:
         assert not self.cuda_graph or self.static_step, "a CUDA graph captures the static step"
-        assert self.aug_chunk_values > 0
+        assert self.aug_chunk_values > 0 and self.gpu_workers > 0
 
 
 _deterministic = False  # set by configure_process; read by for_device
+_gpu_workers = 1  # worker processes on this process's GPU; set by configure_process
 
 
 def cpu_has_native_bf16() -> bool:
@@ -78,6 +84,7 @@ def for_device(device: torch.device, train: TrainConfig, cudnn_benchmark: bool =
         autocast=torch.bfloat16 if train.amp else None, channels_last=True, fused=True,
         static_step=compiled is None, cuda_graph=compiled is None, compile_backend=compiled,
         cudnn_benchmark=cudnn_benchmark and not _deterministic, aug_chunk_values=AUG_CHUNK_VALUES_CUDA,
+        gpu_workers=_gpu_workers,
     )
 
 
@@ -114,16 +121,19 @@ def _keep_freed_memory() -> None:
         pass
 
 
-def configure_process(device: str, *, deterministic: bool = False, shared_gpu: bool = False) -> None:
+def configure_process(device: str, *, deterministic: bool = False, workers_on_gpu: int = 1) -> None:
     """Once per process, before its first CUDA call. ``device`` is "cpu" or "cuda[:N]".
 
     TF32 for fp32 matmuls and convolutions on CUDA (about 8x the fp32 rate on tensor cores; fp32
     runs are those with amp off, and validation). ``deterministic``: deterministic kernels,
     no cuDNN autotuning, cuBLAS's fixed workspace; ops without a deterministic CUDA kernel warn.
-    ``shared_gpu``: a CUDA worker that shares its GPU keeps a small CPU thread pool.
+    ``workers_on_gpu`` (K > 1: worker processes sharing this GPU): each may allocate 1/K of the
+    GPU's memory (less headroom), its trials' buffers are divided by K (``for_device``), and it
+    keeps a small CPU thread pool (it only launches kernels).
     """
-    global _deterministic
+    global _deterministic, _gpu_workers
     _deterministic = deterministic
+    _gpu_workers = workers_on_gpu if device.startswith("cuda") else 1
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # read at cuBLAS init
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -134,7 +144,10 @@ def configure_process(device: str, *, deterministic: bool = False, shared_gpu: b
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # == set_float32_matmul_precision("high")
         torch.backends.cudnn.allow_tf32 = True
-        if shared_gpu:
+        share = gpu_memory_share(workers_on_gpu)
+        if share is not None:
+            # an allocation past it raises OOM in this worker; index None ("cuda"): the current GPU
+            torch.cuda.set_per_process_memory_fraction(share, torch.device(device).index)
             torch.set_num_threads(CUDA_WORKER_THREADS)
 
 

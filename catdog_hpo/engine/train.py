@@ -202,8 +202,10 @@ class _Loop:
         perm = torch.randperm(self.train_x.shape[0], device=dev, generator=self.gen)
         loss_sum = torch.zeros((), device=dev)
         # Augment many batches at once (one batched augmentation per chunk, not per step: the
-        # launches of augmentation were a third of a step's); a chunk is bounded in values.
-        per_chunk = max(1, self.rt.aug_chunk_values // (bs * self.train_x[0].numel()))
+        # launches of augmentation were a third of a step's); a chunk is bounded in values, and
+        # on a GPU shared by K workers to 1/K of them (each worker's share of the memory).
+        chunk_values = self.rt.aug_chunk_values // self.rt.gpu_workers
+        per_chunk = max(1, chunk_values // (bs * self.train_x[0].numel()))
         for c in range(0, self.n_batches, per_chunk):
             nb = min(per_chunk, self.n_batches - c)
             idx = perm[c * bs:(c + nb) * bs]
@@ -280,7 +282,8 @@ def _validation(data: ImageSet, device: torch.device, rt: Runtime) -> tuple[torc
     n = x.shape[0]
     batch = val_batch_size(n, x[0].numel())
     pad = -n % batch
-    xn = normalize_batch(x) if x.numel() <= VAL_RESIDENT_VALUES else x
+    resident = VAL_RESIDENT_VALUES // rt.gpu_workers  # values; a shared GPU: this worker's share
+    xn = normalize_batch(x) if x.numel() <= resident else x
     if pad:
         xn = torch.cat([xn, xn.new_zeros((pad, *xn.shape[1:]))])
         y = torch.cat([y, y.new_full((pad,), -100)])
@@ -313,7 +316,7 @@ def _make_loop(cfg: TrialConfig, data: ImageSet, device: torch.device, model: nn
     capture = static and rt.cuda_graph and device.type == "cuda"
     shadow = lr_tensor = None
     if static:
-        optimizer, lr_tensor = graph_optimizer(params, o, device, rt.fused, capturable=capture)
+        optimizer, lr_tensor = graph_optimizer(params, o, device, rt.fused)
         shadow = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=o.lr)
         schedule = SCHEDULERS[o.scheduler](shadow, o, t.epochs, steps_per_epoch)
     else:

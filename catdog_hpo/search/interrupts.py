@@ -15,8 +15,10 @@ import threading
 from typing import Any, Iterator
 
 
-class Terminated(Exception):
-    """SIGTERM, raised like KeyboardInterrupt so the running trial is closed the same way."""
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so the running trial is closed the same way. A
+    BaseException like it, so no ``except Exception`` (a capture fallback, a cache reader)
+    swallows a stop request and trains on."""
 
 
 _state: dict[str, Any] = {"allowed": False, "pending": None}

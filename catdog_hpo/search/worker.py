@@ -4,7 +4,9 @@
 more: ``run_workers``). It stops when the study has its N, the grid is done, the time budget
 fits no more trials, the guards keep turning the sampler's configs away, or trials keep failing.
 A trial never stays RUNNING: an interrupt fails it and queues its parameters to run first on
-resume; a sticky CUDA error does the same and asks for a fresh worker process (RESTART_EXIT).
+resume; a sticky CUDA error (one the probe confirms) does the same, once per trial, and asks for
+a fresh worker process (RESTART_EXIT). Workers sharing a GPU each get 1/K of its memory and hand
+their cached memory back after every trial.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from catdog_hpo.engine.device import classify_cuda_error, free_device_memory
+from catdog_hpo.engine.device import classify_cuda_error, cuda_context_works, free_device_memory
 from catdog_hpo.errors import UserError
 from catdog_hpo.data.provider import ImageProvider
 from catdog_hpo.search import interrupts, optuna_compat
@@ -47,13 +49,15 @@ def work(settings: RunSettings, device: str, deadline: float | None,
         # Share the cores: K workers each running all-core OpenMP pools oversubscribe the CPU,
         # and spinning threads made steps 5-20x slower when measured on 2 cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
-    # TF32, determinism; a CUDA worker sharing its GPU keeps 1-2 CPU threads (it only launches)
+    # TF32, determinism; a CUDA worker sharing its GPU gets its memory share and 1-2 CPU threads
     from catdog_hpo.engine.device import device_label
 
-    shared = _shares_gpu(settings, device_label(torch.device(device)))  # a pinned worker's own GPU
-    configure_process(device, deterministic=settings.deterministic, shared_gpu=shared)
+    sharing = _workers_on_gpu(settings, device_label(torch.device(device)))  # a pinned worker's own GPU
+    configure_process(device, deterministic=settings.deterministic, workers_on_gpu=max(1, sharing))
     if opened is None:
         opened = open_study(settings, device)
+    if sharing > 1:  # the other image sizes wait in host memory, not in this worker's share
+        opened.images.keep_on_device(1)
     space, storage, study, grid, images = (opened.space, opened.storage, opened.study, opened.grid,
                                            opened.images)
     store = artifact_store(settings.studies_dir)
@@ -73,6 +77,7 @@ def work(settings: RunSettings, device: str, deadline: float | None,
         with optuna_compat.heartbeat_thread(trial, storage):
             state = _run_one(study, trial, space, overrides, images, settings.budget, store, goal_of(settings),
                              guard)
+        _release_memory(trial.number)  # cached blocks back to the driver: a neighbour's trial may need them
         fails_in_a_row = fails_in_a_row + 1 if state == TrialState.FAIL else 0
         rejected = trial.user_attrs.get(TrialKey.REJECTED) if state == TrialState.PRUNED else None
         rejects_in_a_row = rejects_in_a_row + 1 if rejected else 0
@@ -114,7 +119,8 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, space: Space, overrides: 
              images: ImageProvider, budget: Budget, store: Any, goal: Goal = Goal(),
              guard: Any = None) -> TrialState:
     """Run one claimed trial and tell the study how it ended; never leaves it RUNNING.
-    WorkerRestart after a sticky CUDA error (the trial failed and its parameters queued again)."""
+    WorkerRestart after a sticky CUDA error (the trial failed and, unless it was a retry
+    already, its parameters queued again)."""
     try:
         value = run_trial(trial, space, overrides, images, budget, store, goal, guard)
     except optuna.TrialPruned:
@@ -135,19 +141,20 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, space: Space, overrides: 
         return TrialState.FAIL
     except Exception as exc:  # out of memory, a CUDA error, a bug: record it, go on (or restart)
         kind = classify_cuda_error(exc)
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if kind == "oom":
-            _fail(study, trial, f"CUDA out of memory: {first}")
-        else:
-            _fail(study, trial, f"{type(exc).__name__}: {exc}")
+        first = _first_line(exc)
+        # Before any other CUDA call: on a broken context empty_cache() itself raises. The probe
+        # is guarded; a context that still runs a kernel had an error of this config only.
+        sticky = kind == "sticky" and cuda_context_works(images.device) is not True
+        _fail(study, trial, f"CUDA out of memory: {first}" if kind == "oom" else f"{type(exc).__name__}: {exc}")
         del exc  # its traceback holds the trial's frames
-        free_device_memory()  # give the memory back before the next trial
-        if kind == "sticky":
-            # The process's CUDA context is unusable: every later trial here would fail. The
-            # trial's parameters run again first, in a fresh worker process.
-            if trial.params:
+        if sticky:
+            # Every later trial in this process would fail: a fresh worker process takes over,
+            # and runs the parameters first. A retry is not queued again: a config that breaks
+            # the context twice would kill every fresh worker until the restarts run out.
+            queued = bool(trial.params) and TrialKey.RETRY_OF not in trial.user_attrs
+            if queued:
                 study.enqueue_trial(trial.params, user_attrs={TrialKey.RETRY_OF: trial.number})
-            raise WorkerRestart(first)
+            raise WorkerRestart(first, queued)
         return TrialState.FAIL
     study.tell(trial, value)
     return TrialState.COMPLETE
@@ -156,14 +163,41 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, space: Space, overrides: 
 class WorkerRestart(Exception):
     """A sticky CUDA error: the worker process must exit and a fresh one take its place."""
 
+    def __init__(self, message: str, queued: bool = False) -> None:
+        super().__init__(message)
+        self.queued = queued  # the trial's parameters run again first
+
+    @property
+    def fate(self) -> str:
+        """What became of the trial, for the one-line messages."""
+        return "its trial is queued again" if self.queued else "its trial is not queued again"
+
+
+def _release_memory(number: int) -> None:
+    """Between trials: free the process's cached device memory. A context broken by an error
+    not known as sticky fails here, and the worker restarts instead of dying (exit 1)."""
+    try:
+        free_device_memory()
+    except Exception as exc:  # only CUDA raises here
+        raise WorkerRestart(f"after trial {number}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
 
 RESTART_EXIT = 75  # a worker's exit code asking the parent for a fresh process (EX_TEMPFAIL)
 _MAX_RESTARTS = 3  # per worker slot: a GPU that keeps failing stops the run instead
 
 
+def _workers_on_gpu(settings: RunSettings, device: str) -> int:
+    """Workers of this run on ``device``'s GPU, this one included (0 on the CPU)."""
+    return 0 if device == "cpu" else settings.devices.count(device)
+
+
 def _shares_gpu(settings: RunSettings, device: str) -> bool:
     """More than one worker of this run on ``device``'s GPU (always False on the CPU)."""
-    return device != "cpu" and settings.devices.count(device) > 1
+    return _workers_on_gpu(settings, device) > 1
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
@@ -188,8 +222,8 @@ def _worker_main(settings: RunSettings, worker: int, device: str, deadline: floa
     except (KeyboardInterrupt, interrupts.Terminated):
         sys.exit(130)
     except WorkerRestart as exc:
-        print(f"worker {worker}: CUDA error ({exc}); its trial is queued again and a new worker "
-              "process takes over", file=sys.stderr)
+        print(f"worker {worker}: CUDA error ({exc}); {exc.fate} and a new worker process takes over",
+              file=sys.stderr)
         sys.exit(RESTART_EXIT)
     except UserError as exc:
         print(f"worker {worker}: error: {exc}", file=sys.stderr)
