@@ -25,6 +25,16 @@ class TrialFailed(Exception):
     """A trial that ran but cannot give a value (non-finite loss, out of memory): state FAIL."""
 
 
+class _StoppedEarly(Exception):
+    """A multi-objective trial stopped at an epoch's end (the Pareto rule, the budget).
+
+    It is told COMPLETE with the values of its best epoch so far and marked
+    TrialKey.STOPPED_EARLY, not told PRUNED: Optuna's TPE ranks pruned trials by
+    ``study.direction``, which a multi-objective study does not have, so a PRUNED trial with
+    reported epochs breaks every later suggestion. As COMPLETE, TPE, random and NSGA-II all learn
+    from it; ``record.outcome`` shows it as pruned and keeps it off the front and out of export."""
+
+
 @dataclass(frozen=True)
 class Goal:
     """What a trial returns: the objectives (catdog_hpo.search.objectives), where latency is
@@ -74,7 +84,8 @@ def run_trial(
     then the costs in ``goal.objectives`` order).
 
     Raises optuna.TrialPruned when the pruner stops it, the time budget is spent at an epoch's
-    end, or a guard turns it away before training (--max-params/--max-flops, an infeasible
+    end (with ``goal.multi`` both instead return the best epoch's values so far, marked stopped
+    early: see ``_StoppedEarly``), or a guard turns it away before training (--max-params/--max-flops, an infeasible
     build, ``guard``: catdog_hpo.search.budget.Guard's cost model and time budget). A turned-away
     trial has the reason in the ``rejected`` user attribute and a positive Optuna constraint, so
     TPE learns to propose fewer such configs. TrialFailed for a run without a value.
@@ -109,18 +120,27 @@ def run_trial(
                 prune = _multi_objective_step(trial, goal, costs, stats.epoch, stats.val_acc, cfg.train.epochs)
             else:
                 trial.report(stats.val_acc, stats.epoch)
-                prune = trial.should_prune()
+                # A rung at the last epoch decides nothing: its epochs are paid for, and a
+                # trial pruned there could never be exported (SHA's rungs 2, 6 of 6 epochs).
+                prune = stats.epoch < cfg.train.epochs and trial.should_prune()
             if not prune and guard is not None and stats.epoch < cfg.train.epochs and guard.overrun():
                 trial.set_user_attr(TrialKey.BUDGET_STOP, f"budget spent after epoch {stats.epoch}")
                 prune = True
             if prune:
                 _record_history(trial, history)
+                if goal.multi:
+                    trial.set_user_attr(TrialKey.STOPPED_EARLY, stats.epoch)
         if prune:
-            raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
+            raise (_StoppedEarly if goal.multi else optuna.TrialPruned)(f"pruned after epoch {stats.epoch}")
 
-    with interrupts.allowed():  # training: a signal stops it at once
-        # feature_cache: a frozen-backbone trial trains its head on cached features (engine/heads.py)
-        result = fit(cfg, data, images.device, on_epoch_end=on_epoch_end, feature_cache=images.cache_dir)
+    try:
+        with interrupts.allowed():  # training: a signal stops it at once
+            # feature_cache: a frozen-backbone trial trains its head on cached features (engine/heads.py)
+            result = fit(cfg, data, images.device, on_epoch_end=on_epoch_end, feature_cache=images.cache_dir)
+    except _StoppedEarly:
+        best = max(history, key=lambda h: (h["val_acc"], -h["epoch"]))  # ties: the earlier epoch
+        trial.set_user_attr(TrialKey.BEST_EPOCH, int(best["epoch"]))
+        return [best["val_acc"], *costs.values()]
     _record_history(trial, history)
     trial.set_user_attr(TrialKey.BEST_EPOCH, result.best_epoch)
     if result.status != "completed":

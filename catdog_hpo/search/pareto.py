@@ -95,9 +95,13 @@ def front_indices(values: Sequence[Sequence[float]], directions: Sequence[str]) 
 
 
 def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials that ran all their epochs: the front, export and the rule's references. A trial
+    the rule (or the budget) stopped early is stored COMPLETE for the samplers but is not one."""
     from optuna.trial import TrialState
 
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    from catdog_hpo.search.record import finished_complete
+
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if finished_complete(t)]
 
 
 def front_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from catdog_hpo.search import optuna_compat
-from catdog_hpo.search.record import BUDGET_SESSION_PREFIX, StudyKey, TrialKey
+from catdog_hpo.search.record import BUDGET_SESSION_PREFIX, StudyKey, TrialKey, finished_complete, outcome
 
 _KEY_PARAMS = 5  # parameters shown per trial line
 # Below this much wall time no rate is printed: the summary of a 2-trial study whose time was
@@ -26,6 +26,7 @@ MIN_PACE_S = 1.0
 def trial_line(t: FrozenTrial) -> str:
     """One line: number, state, value, epochs run, seconds, key parameters (or why it stopped)."""
     # values[0]: accuracy, the first objective of every study (t.value raises with several).
+    # A multi-objective trial stopped early carries the values of its best epoch so far.
     value = f"{t.values[0]:.4f}" if t.values and t.state == TrialState.COMPLETE else "-"
     if t.state == TrialState.PRUNED and t.intermediate_values:
         value = f"{t.intermediate_values[max(t.intermediate_values)]:.4f}"
@@ -34,7 +35,7 @@ def trial_line(t: FrozenTrial) -> str:
     note = (t.user_attrs.get(TrialKey.REJECTED) or t.user_attrs.get(TrialKey.FAIL_REASON)
             or t.user_attrs.get(TrialKey.BUDGET_STOP))
     shown = note if note else " ".join(f"{k}={_short(v)}" for k, v in list(t.params.items())[:_KEY_PARAMS])
-    state = "rejected" if TrialKey.REJECTED in t.user_attrs else t.state.name.lower()
+    state = "rejected" if TrialKey.REJECTED in t.user_attrs else outcome(t).lower()
     if t.user_attrs.get(TrialKey.BASELINE):
         shown = "baseline  " + shown
     predicted = t.user_attrs.get(TrialKey.PREDICTED_S)
@@ -132,7 +133,7 @@ class Progress:
 
     def _update_postfix(self, trials: list[FrozenTrial] | None = None) -> None:
         trials = trials if trials is not None else self._study.get_trials(deepcopy=False)
-        values = [t.values[0] for t in trials if t.state == TrialState.COMPLETE and t.values]
+        values = [t.values[0] for t in trials if finished_complete(t)]
         best = max(values) if values else math.nan
         self._bar.set_postfix_str((f"best {best:.4f}" if values else "best -") + f", {self._pace()}", refresh=True)
 

@@ -34,6 +34,10 @@ class TrialKey:
     LATENCY_MS = "latency_ms"  # batch-1 forward ms, median of repeats (engine.latency), before training
     LATENCY_METHOD = "latency_method"  # how LATENCY_MS was measured, in words (device, threads, runs)
     PRUNED_BY = "pruned_by"  # multi-objective: the Pareto rule's reason (search.pareto)
+    # Multi-objective studies: the epoch after which the Pareto rule or the budget stopped the
+    # trial. Such a trial is told COMPLETE (its values at its best epoch so far), so every
+    # sampler learns from it, yet it counts as pruned everywhere we show or pick trials (outcome()).
+    STOPPED_EARLY = "stopped_early"
     # The cost model (engine.cost, search.budget): seconds predicted before training, measured after.
     PREDICTED_S = "predicted_s"  # predicted seconds of all configured epochs (corrected), before training
     PREDICTED_EPOCH_S = "predicted_epoch_s"  # uncorrected predicted seconds per epoch (the correction's base)
@@ -96,6 +100,7 @@ class TrialRecord:
     latency_ms: float | None = None
     latency_method: str | None = None
     pruned_by: str | None = None
+    stopped_early: int | None = None
     predicted_s: float | None = None
     measured_s: float | None = None
     baseline: bool = False
@@ -120,6 +125,7 @@ class TrialRecord:
             latency_ms=ua.get(TrialKey.LATENCY_MS),
             latency_method=ua.get(TrialKey.LATENCY_METHOD),
             pruned_by=ua.get(TrialKey.PRUNED_BY),
+            stopped_early=ua.get(TrialKey.STOPPED_EARLY),
             predicted_s=ua.get(TrialKey.PREDICTED_S),
             measured_s=ua.get(TrialKey.MEASURED_S),
             baseline=bool(ua.get(TrialKey.BASELINE, False)),
@@ -129,6 +135,24 @@ class TrialRecord:
     def why(self) -> str:
         """Why the trial did not complete ("" when nothing was recorded)."""
         return self.fail_reason or self.rejected or ""
+
+
+OUTCOMES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")  # what show/report/cards count
+
+
+def outcome(trial: FrozenTrial) -> str:
+    """How a trial ended, as users read it: Optuna's state name, except that a multi-objective
+    trial stopped early (TrialKey.STOPPED_EARLY; stored COMPLETE for the samplers' sake) is
+    "PRUNED". The one rule every view, export and the Pareto front apply."""
+    name = trial.state.name
+    if name == "COMPLETE" and trial.user_attrs.get(TrialKey.STOPPED_EARLY) is not None:
+        return "PRUNED"
+    return name
+
+
+def finished_complete(trial: FrozenTrial) -> bool:
+    """Completed all its epochs with a value: a trial export, the front and the best may pick."""
+    return outcome(trial) == "COMPLETE" and bool(trial.values)
 
 
 @dataclass(frozen=True)

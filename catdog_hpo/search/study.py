@@ -369,7 +369,7 @@ def run(settings: RunSettings) -> int:
         else:
             run_workers(settings, deadline, progress)
     except WorkerRestart as exc:  # one in-process worker: its CUDA context is gone with it
-        raise UserError(f"CUDA error ({exc}); the trial is queued again: rerun the same command "
+        raise UserError(f"CUDA error ({exc}); {exc.fate}: rerun the same command "
                         "to resume in a fresh process") from None
     except (KeyboardInterrupt, interrupts.Terminated):
         progress.close()

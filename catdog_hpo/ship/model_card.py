@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from catdog_hpo.search.objectives import OBJECTIVES
-from catdog_hpo.search.record import StudyInfo, StudyKey, TrialKey, TrialRecord
+from catdog_hpo.search.record import StudyInfo, StudyKey, TrialKey, TrialRecord, finished_complete, outcome
 
 CARD_NAME = "MODEL_CARD.md"
 Z95 = 1.959964  # two-sided 95% normal quantile, for the Wilson interval
@@ -47,9 +47,9 @@ def search_record(study: Any, trial: Any, pick_rule: str, front: list[int], expo
     info = StudyInfo.from_study(study)
     attrs = study.user_attrs
     trials = study.get_trials(deepcopy=False)
-    states = [t.state.name for t in trials]
+    states = [outcome(t) for t in trials]
     rejected = sum(1 for t in trials if TrialRecord.from_trial(t).rejected)
-    completed = [t for t in trials if t.state.name == "COMPLETE" and t.values]
+    completed = [t for t in trials if finished_complete(t)]
     best_acc = max((t.values[0] for t in completed), default=None)
     names = list(info.objectives)
     return {
@@ -83,8 +83,8 @@ def _baseline(trials: list[Any]) -> dict[str, Any] | None:
     """The space's baseline trial (marked TrialKey.BASELINE by run) and its accuracy, if it completed."""
     for t in trials:
         if t.user_attrs.get(TrialKey.BASELINE):
-            done = t.state.name == "COMPLETE" and bool(t.values)
-            return {"trial": t.number, "state": t.state.name.lower(), "accuracy": t.values[0] if done else None}
+            done = finished_complete(t)
+            return {"trial": t.number, "state": outcome(t).lower(), "accuracy": t.values[0] if done else None}
     return None
 
 

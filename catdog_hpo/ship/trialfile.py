@@ -27,7 +27,7 @@ from catdog_hpo.config import FORMAT_VERSION, TrialConfig, read_mapping, to_dict
 from catdog_hpo.data import DataSource
 from catdog_hpo.errors import ConfigError, UserError
 from catdog_hpo.search import optuna_compat
-from catdog_hpo.search.record import StudyInfo, StudyKey, TrialKey, TrialRecord
+from catdog_hpo.search.record import StudyInfo, StudyKey, TrialKey, TrialRecord, finished_complete, outcome
 from catdog_hpo.search.space_files import base_image_size, load_space
 from catdog_hpo.search.spaces import resolve
 
@@ -65,7 +65,7 @@ def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
     """Trial ``number`` (it must have completed) or the best completed trial; UserError otherwise."""
     trials = study.get_trials(deepcopy=False)
     if number is None:
-        done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        done = [t for t in trials if finished_complete(t) and t.value is not None]
         if not done:
             states = _state_counts(trials)
             raise UserError(f"study {study.study_name!r} has no completed trial yet ({states}); "
@@ -77,9 +77,10 @@ def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
         have = f"0 to {max(by_number)}" if by_number else "none"
         raise UserError(f"--trial {number}: study {study.study_name!r} has no trial {number} (trials: {have})")
     trial = by_number[number]
-    if trial.state != TrialState.COMPLETE:
-        why = TrialRecord.from_trial(trial).why
-        state = "failed" if trial.state == TrialState.FAIL else trial.state.name.lower()
+    if not finished_complete(trial):
+        rec = TrialRecord.from_trial(trial)
+        why = rec.why or (f"stopped early after epoch {rec.stopped_early}" if rec.stopped_early else "")
+        state = "failed" if trial.state == TrialState.FAIL else outcome(trial).lower()
         raise UserError(f"--trial {number}: the trial is {state}, not complete"
                         + (f" ({why})" if why else "") + "; only completed trials can be exported")
     return trial
@@ -88,7 +89,7 @@ def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
 def _state_counts(trials: list[FrozenTrial]) -> str:
     counts: dict[str, int] = {}
     for t in trials:
-        word = "failed" if t.state == TrialState.FAIL else t.state.name.lower()
+        word = "failed" if t.state == TrialState.FAIL else outcome(t).lower()
         counts[word] = counts.get(word, 0) + 1
     return ", ".join(f"{n} {s}" for s, n in counts.items()) or "no trials"
 

@@ -13,7 +13,7 @@ from collections import Counter
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from catdog_hpo.search.record import StudyInfo, TrialRecord
+from catdog_hpo.search.record import OUTCOMES, StudyInfo, TrialRecord, outcome
 
 if TYPE_CHECKING:
     import optuna
@@ -48,7 +48,7 @@ def trial_document(trial: FrozenTrial) -> dict[str, Any]:
     rec = TrialRecord.from_trial(trial)
     return {
         "number": trial.number,
-        "state": trial.state.name,
+        "state": outcome(trial),
         "value": trial.value if trial.values is not None and len(trial.values) == 1 else None,
         "values": list(trial.values) if trial.values is not None else None,
         "params": dict(trial.params),
@@ -70,12 +70,12 @@ def study_document(study: optuna.Study, top: list[FrozenTrial]) -> dict[str, Any
     info = dataclasses.asdict(StudyInfo.from_study(study))
     info.pop("name")
     trials = study.get_trials(deepcopy=False)
-    counts = Counter(t.state.name for t in trials)
+    counts = Counter(outcome(t) for t in trials)
     return {
         "study": study.study_name,
         "directions": [d.name.lower() for d in study.directions],
         "settings": info,
         "trials": len(trials),
-        "states": {state: counts.get(state, 0) for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")},
+        "states": {state: counts.get(state, 0) for state in OUTCOMES},
         "best": [trial_document(t) for t in top],
     }

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from catdog_hpo.errors import UserError
-from catdog_hpo.search.record import StudyInfo, TrialKey, TrialRecord
+from catdog_hpo.search.record import StudyInfo, TrialKey, TrialRecord, finished_complete, outcome
 from catdog_hpo.view.tables import (TOP_N, _fmt_count, _fmt_float, _fmt_value, format_params,
                                     study_header, top_trials)
 
@@ -61,6 +61,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     trials = study.get_trials(deepcopy=False)
     if not trials:
         return base
+    base["state"] = base["number"].map({t.number: outcome(t) for t in trials})  # stopped early: PRUNED
     extra = pd.DataFrame([{"number": t.number, **_flatten_attrs(t.user_attrs)} for t in trials])
     known = [f"user_attrs_{k}" for k in KEY_USER_ATTRS if f"user_attrs_{k}" in extra.columns]
     rest = sorted(c for c in extra.columns if c != "number" and c not in known)
@@ -165,10 +166,10 @@ def intermediate_figure(study: optuna.Study) -> go.Figure:
     fig = go.Figure()
     shown: set[str] = set()
     for t in study.get_trials(deepcopy=False):
-        if not t.intermediate_values or t.state.name not in STATE_COLORS:
+        state = outcome(t)
+        if not t.intermediate_values or state not in STATE_COLORS:
             continue
         steps = sorted(t.intermediate_values)
-        state = t.state.name
         fig.add_trace(go.Scatter(
             x=steps, y=[t.intermediate_values[s] for s in steps], mode="lines+markers",
             name=state.lower(), legendgroup=state, showlegend=state not in shown,
@@ -204,12 +205,11 @@ def best_so_far(study: optuna.Study, against: str) -> tuple[list[float], list[fl
     """(x, best-so-far of the first objective) over the study's completed trials, in completion
     order for ``"time"``."""
     from optuna.study import StudyDirection
-    from optuna.trial import TrialState
 
     # A multi-objective study (--objectives accuracy,...) is compared on its first objective,
     # accuracy: the quantity every study of the product shares.
     trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
+    done = [t for t in trials if finished_complete(t)]
     pick = max if study.directions[0] == StudyDirection.MAXIMIZE else min
     if against == "trial":
         done.sort(key=lambda t: t.number)
@@ -232,11 +232,10 @@ class _Note(Exception):
 
 
 def _check_reportable(study: optuna.Study) -> None:
-    from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    if not any(t.state == TrialState.COMPLETE for t in trials):
-        counts = Counter(t.state.name.lower() for t in trials)
+    if not any(finished_complete(t) for t in trials):
+        counts = Counter(outcome(t).lower() for t in trials)
         have = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no trials at all"
         raise UserError(f"study {study.study_name!r} has no completed trial yet ({have}): nothing to report")
 
@@ -257,9 +256,8 @@ def _figure_or_note(build: Any) -> str:
 
 def _importance_html(study: optuna.Study) -> str:
     import optuna.visualization as vis
-    from optuna.trial import TrialState
 
-    n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    n_done = sum(1 for t in study.get_trials(deepcopy=False) if finished_complete(t))
     if n_done < MIN_TRIALS_FOR_IMPORTANCE:
         return _note(f"parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials; "
                      f"this study has {n_done}")

@@ -12,15 +12,14 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from catdog_hpo.search.record import StudyInfo, TrialRecord
+from catdog_hpo.search.record import OUTCOMES, StudyInfo, TrialRecord, finished_complete, outcome
 
 if TYPE_CHECKING:
     import optuna
     from optuna.storages import BaseStorage
     from optuna.trial import FrozenTrial
 
-# Trial states in the order tables show them (names of optuna.trial.TrialState).
-STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+STATES = OUTCOMES  # trial outcomes in the order tables show them (record.outcome)
 TOP_N = 10  # best trials listed by `show` and the report
 
 
@@ -33,7 +32,7 @@ def study_summaries(storage: BaseStorage) -> list[dict[str, Any]]:
         study = optuna.load_study(study_name=name, storage=storage)
         info = StudyInfo.from_study(study)
         trials = study.get_trials(deepcopy=False)
-        counts = Counter(t.state.name for t in trials)
+        counts = Counter(outcome(t) for t in trials)
         starts = [t.datetime_start for t in trials if t.datetime_start is not None]
         rows.append({
             "name": name,
@@ -57,9 +56,8 @@ def format_study_summaries(rows: list[dict[str, Any]]) -> str:
 def top_trials(study: optuna.Study, n: int = TOP_N) -> list[FrozenTrial]:
     """The ``n`` best completed trials, best first (by the study's direction)."""
     from optuna.study import StudyDirection
-    from optuna.trial import TrialState
 
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    done = [t for t in study.get_trials(deepcopy=False) if finished_complete(t) and t.value is not None]
     maximize = study.direction == StudyDirection.MAXIMIZE
     return sorted(done, key=lambda t: (-t.value if maximize else t.value, t.number))[:n]
 
@@ -69,7 +67,7 @@ def format_trials(trials: Sequence[FrozenTrial]) -> str:
     headers = ["#", "value", "state", "epochs", "s/epoch", "pred s", "meas s", "params", "hyperparameters"]
     recs = [TrialRecord.from_trial(t) for t in trials]
     # pred s: the cost model's seconds for all epochs, before training; meas s: the epochs run.
-    body = [[t.number, _fmt_value(t.value), t.state.name + (" (baseline)" if r.baseline else ""),
+    body = [[t.number, _fmt_value(t.value), outcome(t) + (" (baseline)" if r.baseline else ""),
              _or_dash(r.epochs_run), _fmt_float(r.sec_per_epoch, 2), _fmt_float(r.predicted_s, 1),
              _fmt_float(r.measured_s, 1), _fmt_count(r.n_params),
              format_params(t.params)] for t, r in zip(trials, recs)]
@@ -81,7 +79,7 @@ def study_header(study: optuna.Study) -> str:
     info = StudyInfo.from_study(study)
     trials = study.get_trials(deepcopy=False)
     recs = [TrialRecord.from_trial(t) for t in trials]
-    counts = Counter(t.state.name for t in trials)
+    counts = Counter(outcome(t) for t in trials)
     rejected = sum(1 for r in recs if r.rejected is not None)
     shown = (("sampler", info.sampler), ("pruner", info.pruner), ("space", info.space), ("data", info.data))
     settings = ", ".join(f"{k} {v}" for k, v in shown if v is not None)
@@ -93,7 +91,7 @@ def study_header(study: optuna.Study) -> str:
     lines = [f"study {study.study_name}" + (f" ({settings})" if settings else ""),
              f"trials: {len(trials)}" + (f", finished {finished}/{target}" if target else "")
              + (": " + ", ".join(by_state) if by_state else "")]
-    base = next((t for t, r in zip(trials, recs) if r.baseline and t.state.name == "COMPLETE"), None)
+    base = next((t for t, r in zip(trials, recs) if r.baseline and finished_complete(t)), None)
     best = _best_value(trials, study.directions) if len(study.directions) == 1 else None
     if base is not None and best is not None and base.value is not None:
         lines.append(f"best {best:.4f}: {100 * (best - base.value):+.1f} points over the baseline "
@@ -111,7 +109,7 @@ def study_header(study: optuna.Study) -> str:
 def _best_value(trials: Sequence[FrozenTrial], directions: Sequence[Any]) -> float | None:
     from optuna.study import StudyDirection
 
-    values = [t.value for t in trials if t.state.name == "COMPLETE" and t.values and len(t.values) == 1]
+    values = [t.value for t in trials if finished_complete(t) and len(t.values) == 1]
     if not values or len(directions) != 1:
         return None
     return max(values) if directions[0] == StudyDirection.MAXIMIZE else min(values)
