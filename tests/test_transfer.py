@@ -289,6 +289,27 @@ def test_cost_model_sees_the_fast_path(resnet_file: Path, tmp_path: Path) -> Non
     assert not heads.features_ready(cfg, data, tmp_path / "elsewhere")
 
 
+def test_head_only_path_applies_l1(resnet_file: Path, tmp_path: Path) -> None:
+    """optim.l1 on the frozen-backbone fast path: the loss carries the penalty, the head's weights shrink."""
+    from catdog_hpo.engine.train import fit
+
+    folder = write_image_folder(tmp_path / "img", n_per_class=8, size=32)
+    data = load_images(DataSource(path=str(folder)), 32, tmp_path / "cache")
+    results = {}
+    for l1 in (0.0, 1e-2):
+        cfg = _frozen(resnet_file)
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, l1=l1))
+        torch.manual_seed(0)
+        results[l1] = fit(cfg, data, CPU, feature_cache=tmp_path / "cache")
+    plain, penalised = results[0.0], results[1e-2]
+    assert penalised.history[0].train_loss > plain.history[0].train_loss + 1.0  # 1e-2 x sum |w| of 8,000+ weights
+
+    def l1_norm(state: dict[str, torch.Tensor]) -> float:
+        return sum(float(v.abs().sum()) for k, v in state.items() if k.startswith("fc.") and v.dim() > 1)
+
+    assert l1_norm(penalised.best_state) < l1_norm(plain.best_state)
+
+
 def test_fast_path_only_when_frozen_with_weights(resnet_file: Path) -> None:
     cfg = _frozen(resnet_file)
     assert heads.applies(cfg)

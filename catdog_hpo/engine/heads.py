@@ -40,6 +40,7 @@ from torch import nn
 from catdog_hpo.config import TRANSFER_FAMILIES, TrialConfig, to_dict
 from catdog_hpo.data import ImageSet
 from catdog_hpo.engine.augment import augment_batch, normalize_batch
+from catdog_hpo.engine.regularize import with_l1
 
 FEATURE_VERSION = 1  # bump when extraction changes: old feature files are then simply not found
 VIEW_SEED = 1234  # seed of the cached augmented views (fixed: the views are part of the cache)
@@ -208,7 +209,7 @@ def fit_head(cfg: TrialConfig, model: nn.Module, feats: FeatureSet, device: torc
     n_batches = max(1, n // t.batch_size)  # drop the last partial batch, as train.fit does
     optimizer = OPTIMIZERS[o.name](params, o, device.type == "cuda")
     schedule = SCHEDULERS[o.scheduler](optimizer, o, t.epochs, math.ceil(n_batches / t.accum_steps))
-    criterion = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
+    criterion = with_l1(nn.CrossEntropyLoss(label_smoothing=o.label_smoothing), params, o.l1)
     gen = torch.Generator(device=device)
     gen.manual_seed(t.seed)
     history: list[EpochStats] = []

@@ -1,13 +1,14 @@
-"""ModelConfig -> nn.Module: a VGG-like CNN family and the transfer families
-(resnet18, efficientnet_lite0: catdog_hpo/engine/transfer.py), shape-checked before training.
+"""ModelConfig -> nn.Module: a VGG-like CNN family, a small ResNet (engine/resnet.py), both from
+scratch, and the transfer families (resnet18, efficientnet_lite0: catdog_hpo/engine/transfer.py),
+shape-checked before training.
 
 Public API:
   check_model(cfg, image_size)                 ConfigError for a combination that cannot work
   model_cost(cfg, num_classes, image_size)     parameters and forward FLOPs, without training
   build_model(cfg, num_classes, image_size)    the nn.Module (checked first)
 
-Registries (plain dicts; keys match catdog_hpo.config's choices): FAMILIES, ACTIVATIONS, POOLS, HEADS.
-No Optuna here.
+Registries (plain dicts; keys match catdog_hpo.config's choices): FAMILIES here; ACTIVATIONS,
+POOLS, PADDINGS, INITS, HEADS in engine/layers.py (imported here too). No Optuna here.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ import torch
 from torch import nn
 
 from catdog_hpo import config
-from catdog_hpo.config import TRANSFER_FAMILIES, ModelConfig
+from catdog_hpo.config import SCRATCH_FAMILIES, TRANSFER_FAMILIES, BlockConfig, ModelConfig
+# The layer registries live in engine/layers.py (engine/resnet.py builds from them too); imported
+# here as well, so engine.models stays the one place to find every model registry.
+from catdog_hpo.engine.layers import ACTIVATIONS, HEADS, INITS, PADDINGS, POOLS, conv_side, init_weights
+from catdog_hpo.engine.resnet import build_resnet
 from catdog_hpo.errors import ConfigError
 
 RESNET_MIN_SIZE = 32  # px: below this the transfer families' five stride-2 stages leave nothing to pool
@@ -37,67 +42,44 @@ class ModelCost:
     #             activations, pooling and bias adds are not counted
 
 
-# --------------------------------------------------------------------------- registries
-
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": lambda: nn.ReLU(inplace=True),
-    "leaky_relu": lambda: nn.LeakyReLU(0.01, inplace=True),
-    "gelu": nn.GELU,
-    "silu": lambda: nn.SiLU(inplace=True),
-}
-config.check_registry("activations", ACTIVATIONS, config.ACTIVATIONS)
-# Name torch.nn.init's gain uses for each activation (GELU/SiLU behave like ReLU for the gain).
-_INIT_NONLINEARITY = {"relu": "relu", "leaky_relu": "leaky_relu", "gelu": "relu", "silu": "relu"}
-config.check_registry("activation init gains", _INIT_NONLINEARITY, config.ACTIVATIONS)
-_LEAKY_SLOPE = 0.01
-
-POOLS: dict[str, Callable[[], nn.Module]] = {
-    "max": lambda: nn.MaxPool2d(2),  # 2x2, stride 2: halves H and W (rounding down)
-    "avg": lambda: nn.AvgPool2d(2),
-}
-config.check_registry("pools", POOLS, config.POOLS)
-
-
-def _gap_head(cfg: ModelConfig, channels: int, side: int, num_classes: int) -> nn.Module:
-    """Global average pool -> dropout -> linear."""
-    return nn.Sequential(
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(channels, num_classes)
-    )
-
-
-def _fc_head(cfg: ModelConfig, channels: int, side: int, num_classes: int) -> nn.Module:
-    """Flatten -> linear(fc_hidden) -> activation -> dropout -> linear; fc_hidden 0: no hidden layer."""
-    flat = channels * side * side
-    if cfg.fc_hidden == 0:
-        return nn.Sequential(nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(flat, num_classes))
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(flat, cfg.fc_hidden),
-        ACTIVATIONS[cfg.activation](),
-        nn.Dropout(cfg.dropout),
-        nn.Linear(cfg.fc_hidden, num_classes),
-    )
-
-
-HEADS: dict[str, Callable[[ModelConfig, int, int, int], nn.Module]] = {"gap": _gap_head, "fc": _fc_head}
-config.check_registry("heads", HEADS, config.HEADS)
-
-
 # --------------------------------------------------------------------------- checks
 
 
 def _cnn_side(cfg: ModelConfig, image_size: int) -> int:
-    """Feature-map side (px) after all blocks; ConfigError when a block has too little to pool."""
+    """Feature-map side (px) after all blocks; ConfigError when a conv or a pooling gets too
+    little: the first bad block's key and value are named."""
     side = image_size
-    for i, _block in enumerate(cfg.blocks):
+    for i, block in enumerate(cfg.blocks):
+        side = _block_convs_side(block, i, side, image_size)
+        if block.stride > 1:
+            continue  # the strided conv downsampled in place of the pooling
         if side < 2:
             raise ConfigError(
                 f"model.blocks: {len(cfg.blocks)} blocks need a larger image than {image_size} px "
-                f"(block {i + 1} gets a {side}x{side} input and cannot pool it 2x2); "
-                f"use at most {_max_blocks(image_size)} blocks or a larger image_size"
+                f"(block {i + 1} gets a {side}x{side} input and cannot pool it 2x2); use "
+                f"{_fewer_blocks(cfg, image_size)} or a larger image_size"
             )
-        side //= 2  # the 2x2 pooling after every block
+        side //= 2  # the 2x2 pooling
     return side
+
+
+def _block_convs_side(block: BlockConfig, i: int, side: int, image_size: int) -> int:
+    """The side after block ``i``'s convs; ConfigError when one gets an input smaller than its kernel."""
+    pad = PADDINGS[block.padding](block.kernel_size)
+    for j in range(block.convs):
+        if side + 2 * pad < block.kernel_size:
+            raise ConfigError(
+                f"model.blocks[{i}].padding: {block.padding!r} shrinks the feature map to nothing at "
+                f"{image_size} px (conv {j + 1} of block {i + 1} gets {side}x{side}, smaller than its "
+                f"{block.kernel_size}x{block.kernel_size} kernel); use 'same' padding, fewer blocks or a larger image_size"
+            )
+        side = conv_side(side, block.kernel_size, block.stride if j == 0 else 1, pad)
+    return side
+
+
+def _fewer_blocks(cfg: ModelConfig, image_size: int) -> str:
+    plain = all(b.stride == 1 and b.padding == "same" for b in cfg.blocks)
+    return f"at most {_max_blocks(image_size)} blocks" if plain else "fewer blocks, 'same' padding"
 
 
 def _max_blocks(image_size: int) -> int:
@@ -110,71 +92,73 @@ def check_model(cfg: ModelConfig, image_size: int) -> None:
         raise ConfigError(f"model.family: {cfg.family!r} is not one of {', '.join(FAMILIES)}")
     if image_size < 1:
         raise ConfigError(f"image_size: {image_size} must be >= 1")
+    if cfg.family in SCRATCH_FAMILIES:
+        _check_scratch(cfg)
     if cfg.family == "cnn":
         if not 1 <= len(cfg.blocks) <= 6:
             raise ConfigError(f"model.blocks: {len(cfg.blocks)} blocks; the cnn family has 1 to 6")
-        transfer_only = ", ".join(TRANSFER_FAMILIES)
-        for flag in ("pretrained", "freeze_backbone"):
-            if getattr(cfg, flag):
-                raise ConfigError(f"model.{flag}: applies to families {transfer_only} only, not cnn")
-        if cfg.weights_file:
-            raise ConfigError(f"model.weights_file {cfg.weights_file!r}: applies to families {transfer_only} only, not cnn")
         _cnn_side(cfg, image_size)
+    elif cfg.family == "resnet":
+        if not 1 <= len(cfg.stages) <= 6:
+            raise ConfigError(f"model.stages: {len(cfg.stages)} stages; the resnet family has 1 to 6")
     elif cfg.family in TRANSFER_FAMILIES:
-        if image_size < RESNET_MIN_SIZE:
-            raise ConfigError(
-                f"image_size: {image_size} px is too small for {cfg.family} (needs >= {RESNET_MIN_SIZE})"
-            )
-        if cfg.freeze_backbone and not (cfg.pretrained or cfg.weights_file):
-            raise ConfigError(
-                "model.freeze_backbone: a frozen backbone needs trained weights "
-                "(set model.pretrained or model.weights_file)"
-            )
-        stages = TRANSFER_STAGES[cfg.family]
-        if cfg.unfreeze_stages > stages:
-            raise ConfigError(f"model.unfreeze_stages: {cfg.unfreeze_stages}; {cfg.family} has {stages} stages")
+        _check_transfer(cfg, image_size)
+
+
+def _check_scratch(cfg: ModelConfig) -> None:
+    """The transfer-only keys are refused for a family built from scratch."""
+    transfer_only = ", ".join(TRANSFER_FAMILIES)
+    for flag in ("pretrained", "freeze_backbone"):
+        if getattr(cfg, flag):
+            raise ConfigError(f"model.{flag}: applies to families {transfer_only} only, not {cfg.family}")
+    if cfg.weights_file:
+        raise ConfigError(f"model.weights_file {cfg.weights_file!r}: applies to families {transfer_only} only, "
+                          f"not {cfg.family}")
+
+
+def _check_transfer(cfg: ModelConfig, image_size: int) -> None:
+    if cfg.init != ModelConfig.init:  # torchvision/timm initialise their own layers
+        raise ConfigError(f"model.init {cfg.init!r}: applies to families {', '.join(SCRATCH_FAMILIES)} only, "
+                          f"not {cfg.family}")
+    if image_size < RESNET_MIN_SIZE:
+        raise ConfigError(
+            f"image_size: {image_size} px is too small for {cfg.family} (needs >= {RESNET_MIN_SIZE})"
+        )
+    if cfg.freeze_backbone and not (cfg.pretrained or cfg.weights_file):
+        raise ConfigError(
+            "model.freeze_backbone: a frozen backbone needs trained weights "
+            "(set model.pretrained or model.weights_file)"
+        )
+    stages = TRANSFER_STAGES[cfg.family]
+    if cfg.unfreeze_stages > stages:
+        raise ConfigError(f"model.unfreeze_stages: {cfg.unfreeze_stages}; {cfg.family} has {stages} stages")
 
 
 # --------------------------------------------------------------------------- builders
 
 
-def _init_cnn(model: nn.Module, activation: str) -> None:
-    """Kaiming-normal convs and hidden linears for the activation; BN at identity; zero biases."""
-    if next(model.parameters()).is_meta:
-        return  # model_cost's shape-only copy: init on meta tensors would import torch._dynamo (~2 s)
-    nonlin = _INIT_NONLINEARITY[activation]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d) or (isinstance(m, nn.Linear) and m is not linears[-1]):
-            nn.init.kaiming_normal_(m.weight, a=_LEAKY_SLOPE, mode="fan_in", nonlinearity=nonlin)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    # The classifier keeps PyTorch's default (uniform, fan-in scaled): small initial logits.
-
-
 def build_cnn(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Module:
-    """The VGG-like family: blocks of ('same'-padded conv [-> BN] -> act) x convs, then 2x2 pool."""
+    """The VGG-like family: blocks of (conv [-> BN] -> act) x convs, then a 2x2 pool unless the
+    block's first conv is strided (it downsamples instead)."""
     layers: list[nn.Module] = []
     in_ch = 3
     for block in cfg.blocks:
-        for _ in range(block.convs):
+        for j in range(block.convs):
             # bias is redundant before BatchNorm (BN's shift replaces it)
-            layers.append(nn.Conv2d(in_ch, block.channels, block.kernel_size,
-                                    padding=block.kernel_size // 2, bias=not cfg.batch_norm))
+            layers.append(nn.Conv2d(in_ch, block.channels, block.kernel_size, stride=block.stride if j == 0 else 1,
+                                    padding=PADDINGS[block.padding](block.kernel_size), bias=not cfg.batch_norm))
             if cfg.batch_norm:
                 layers.append(nn.BatchNorm2d(block.channels))
             layers.append(ACTIVATIONS[cfg.activation]())
             in_ch = block.channels
-        layers.append(POOLS[cfg.pool]())
+        if block.stride == 1:
+            layers.append(POOLS[cfg.pool]())
     side = _cnn_side(cfg, image_size)
     model = nn.Sequential(OrderedDict(
         features=nn.Sequential(*layers),
         head=HEADS[cfg.head](cfg, in_ch, side, num_classes),
     ))
-    _init_cnn(model, cfg.activation)
+    init_weights(model, cfg)
     return model
 
 
@@ -188,6 +172,7 @@ def _build_transfer(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.M
 
 FAMILIES: dict[str, Callable[[ModelConfig, int, int], nn.Module]] = {
     "cnn": build_cnn,
+    "resnet": build_resnet,
     "resnet18": _build_transfer,
     "efficientnet_lite0": _build_transfer,
 }

@@ -7,6 +7,7 @@ not in the middle of a study. The space model, ``resolve`` and the grid: ``searc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import runpy
@@ -16,11 +17,10 @@ from typing import Any
 
 from catdog_hpo.config import TrialConfig, from_dict, parse_file, replace_path, to_dict
 from catdog_hpo.errors import ConfigError, UserError
-from catdog_hpo.search.spaces import Dist, Space
+from catdog_hpo.search.spaces import REPEATS, Dist, Repeat, Space
 
 _DIST_KEYS = ("int", "float", "choices")
 _OPTION_KEYS = ("log", "step", "grid", "when")
-_BLOCK_KEYS = ("channels", "kernel_size", "convs")
 
 
 def builtin_spaces() -> dict[str, Path]:
@@ -57,7 +57,7 @@ def _read(path: Path) -> dict:
 
 def parse_space(data: dict, name: str, source: str) -> Space:
     """Validate a space definition; every error names the file and the key."""
-    known = {"name", "description", "base", "blocks", "params", "baseline"}
+    known = {"name", "description", "base", *REPEATS, "params", "baseline"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(known))})")
@@ -69,16 +69,18 @@ def parse_space(data: dict, name: str, source: str) -> Space:
     except ConfigError as exc:
         raise ConfigError(str(exc)) from None
     template = to_dict(TrialConfig())
-    depth, block = _parse_blocks(data.get("blocks"), source)
+    repeats = tuple(_parse_repeat(section, data[section], source)
+                    for section in REPEATS if data.get(section) is not None)
     params: list[Dist] = []
-    seen: set[str] = {"depth"} if depth is not None else set()
+    seen: set[str] = {r.kind.count for r in repeats}
     raw_params = data.get("params") or {}
     if not isinstance(raw_params, dict):
         raise ConfigError(f"{source}: params: expected a mapping of dotted config keys to distributions")
     for key, spec in raw_params.items():
         where = f"{source}: params.{key}"
-        if not _path_exists(template, key) or key.startswith("model.blocks"):
-            raise ConfigError(f"{where}: unknown config key (searchable keys are dotted paths like optim.lr; blocks go under blocks:)")
+        if not _path_exists(template, key) or any(key.startswith(k.path) for k in REPEATS.values()):
+            raise ConfigError(f"{where}: unknown config key (searchable keys are dotted paths like optim.lr; "
+                              f"blocks go under blocks:, stages under stages:)")
         dist = _parse_dist(key, spec, where)
         for cond, _allowed in dist.when:
             if cond not in seen:
@@ -88,7 +90,7 @@ def parse_space(data: dict, name: str, source: str) -> Space:
     # The baseline is a point of the space, not part of its definition: it is not fingerprinted.
     defined = {k: v for k, v in data.items() if k != "baseline"}
     fingerprint = hashlib.sha256(json.dumps(defined, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    space = Space(name=name, source=source, base=base, depth=depth, block=block, params=tuple(params),
+    space = Space(name=name, source=source, base=base, repeats=repeats, params=tuple(params),
                   fingerprint=fingerprint, baseline=_parse_baseline(data.get("baseline"), source))
     _check_resolves(space)
     if space.baseline is not None:
@@ -123,33 +125,52 @@ def check_params(space: Space, params: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _parse_blocks(raw: Any, source: str) -> tuple[Dist | int | None, dict]:
-    if raw is None:
-        return None, {}
+def _parse_repeat(section: str, raw: Any, source: str) -> Repeat:
+    """A ``blocks:`` or ``stages:`` section: ``depth`` (how many), then per-item keys."""
+    kind = REPEATS[section]
+    keys = tuple(f.name for f in dataclasses.fields(kind.item))
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: blocks: expected a mapping")
-    block: dict[str, Any] = {}
-    depth: Dist | int | None = None
+        raise ConfigError(f"{source}: {section}: expected a mapping")
+    item: dict[str, Any] = {}
+    count: Dist | int | None = None
     for key, spec in raw.items():
-        where = f"{source}: blocks.{key}"
-        if key not in ("depth", *_BLOCK_KEYS):
-            raise ConfigError(f"{where}: unknown key (known: depth, {', '.join(_BLOCK_KEYS)})")
-        value = _parse_dist("depth" if key == "depth" else f"block0.{key}", spec, where) if isinstance(spec, dict) else spec
+        where = f"{source}: {section}.{key}"
+        if key not in ("depth", *keys):
+            raise ConfigError(f"{where}: unknown key (known: depth, {', '.join(keys)})")
+        name = kind.count if key == "depth" else f"{kind.prefix}0.{key}"
+        value = _parse_dist(name, spec, where) if isinstance(spec, dict) else spec
         if isinstance(value, Dist) and value.when:
-            raise ConfigError(f"{where}: when: is not supported for block parameters")
+            raise ConfigError(f"{where}: when: is not supported for {kind.prefix} parameters")
         if key == "depth":
-            depth = value
+            count = value
         else:
-            block[key] = value
-    if depth is None:
-        raise ConfigError(f"{source}: blocks: needs depth (a number or a distribution)")
-    if isinstance(depth, Dist):
-        values = depth.choices if depth.kind == "choices" else (depth.low, depth.high)
-        if depth.kind == "float" or any(not isinstance(v, int) or not 1 <= v <= 6 for v in values):
-            raise ConfigError(f"{source}: blocks.depth: must be whole numbers from 1 to 6")
-    elif not isinstance(depth, int) or not 1 <= depth <= 6:
-        raise ConfigError(f"{source}: blocks.depth: {depth!r} must be a whole number from 1 to 6")
-    return depth, block
+            _check_item_values(section, key, value, source)
+            item[key] = value
+    if count is None:
+        raise ConfigError(f"{source}: {section}: needs depth (a number or a distribution)")
+    _check_count(section, count, source)
+    return Repeat(section=section, count=count, item=item)
+
+
+def _check_item_values(section: str, key: str, spec: Dist | Any, source: str) -> None:
+    """Every choice and both ends of a range of one per-item key, through the item's config check."""
+    kind = REPEATS[section]
+    values = (spec,) if not isinstance(spec, Dist) else spec.choices if spec.kind == "choices" else (spec.low, spec.high)
+    for value in values:
+        try:
+            from_dict(kind.item, {key: value}, where=kind.prefix)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {section}.{key}: value {value!r}: {exc}") from None
+
+
+def _check_count(section: str, count: Dist | int, source: str) -> None:
+    top = REPEATS[section].max_count
+    if isinstance(count, Dist):
+        values = count.choices if count.kind == "choices" else (count.low, count.high)
+        if count.kind == "float" or any(not isinstance(v, int) or not 1 <= v <= top for v in values):
+            raise ConfigError(f"{source}: {section}.depth: must be whole numbers from 1 to {top}")
+    elif not isinstance(count, int) or not 1 <= count <= top:
+        raise ConfigError(f"{source}: {section}.depth: {count!r} must be a whole number from 1 to {top}")
 
 
 def _parse_dist(name: str, spec: Any, where: str) -> Dist:
@@ -221,9 +242,7 @@ def _path_exists(template: dict, dotted: str) -> bool:
 def _check_resolves(space: Space) -> None:
     """Try every choice and both ends of every range in the base config, so a bad value (say,
     a string for optim.lr or an unknown optimizer) is reported when the space loads, not in the
-    middle of a study."""
-    from catdog_hpo.config import BlockConfig
-
+    middle of a study. (Per-item values are tried as their section is read: _check_item_values.)"""
     for dist in space.params:
         values = dist.choices if dist.kind == "choices" else (dist.low, dist.high)
         for value in values:
@@ -233,13 +252,6 @@ def _check_resolves(space: Space) -> None:
                 from_dict(TrialConfig, cfg, where="config")
             except ConfigError as exc:
                 raise ConfigError(f"{space.source}: params.{dist.name}: value {value!r}: {exc}") from None
-    for key, spec in space.block.items():
-        values = (spec,) if not isinstance(spec, Dist) else spec.choices if spec.kind == "choices" else (spec.low, spec.high)
-        for value in values:
-            try:
-                from_dict(BlockConfig, {key: value}, where="block")
-            except ConfigError as exc:
-                raise ConfigError(f"{space.source}: blocks.{key}: value {value!r}: {exc}") from None
 
 
 def base_image_size(space: Space) -> int:

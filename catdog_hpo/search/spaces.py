@@ -11,6 +11,9 @@ file by path that defines ``SPACE = {...}``)::
       depth: {int: [2, 4]}
       channels: {choices: [32, 64, 128]}
       kernel_size: 3           # a plain value is fixed, not searched
+    stages:                    # optional, resnet family: the same for each stage (stages, stageI.key)
+      depth: {int: [2, 4]}
+      channels: {choices: [16, 32, 64]}
     params:                    # dotted TrialConfig path -> distribution
       optim.lr: {float: [1.0e-4, 1.0e-2], log: true, grid: [3.0e-4, 1.0e-3, 3.0e-3]}
       optim.name: {choices: [adam, sgd]}
@@ -19,7 +22,8 @@ file by path that defines ``SPACE = {...}``)::
 A distribution is exactly one of ``int: [low, high]``, ``float: [low, high]`` or
 ``choices: [...]``, with optional ``log``, ``step``, ``grid`` (the grid sampler's values) and
 ``when`` (a condition on earlier parameters: the parameter exists only when it holds). Per-block
-parameters exist only for blocks that exist (``block2.channels`` only when ``depth >= 3``).
+parameters exist only for blocks that exist (``block2.channels`` only when ``depth >= 3``); the
+same for stages (``stage2.channels`` only when ``stages >= 3``).
 
 ``resolve(space, trial)`` is the one place a trial becomes a ``TrialConfig``. ``trial`` is
 anything with Optuna's ``suggest_int``/``suggest_float``/``suggest_categorical``: an Optuna
@@ -34,7 +38,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from catdog_hpo.config import TrialConfig, from_dict, replace_path
+from catdog_hpo.config import BlockConfig, StageConfig, TrialConfig, from_dict, replace_path
 from catdog_hpo.errors import ConfigError
 
 MAX_GRID_POINTS = 10_000  # a larger grid is refused: at minutes per trial it would never finish
@@ -43,6 +47,24 @@ _AUTO_INT_GRID = 16  # an int range this small needs no explicit grid: every val
 
 class NoGridValues(ConfigError):
     """A searched parameter without grid values, met while enumerating the grid."""
+
+
+@dataclass(frozen=True)
+class RepeatKind:
+    """A list of the model a space searches item by item (a section of the space file)."""
+
+    path: str  # the config list it fills
+    count: str  # the parameter name of its length
+    prefix: str  # item i's parameters are named <prefix><i>.<key>
+    item: type  # the config class of one item
+    max_count: int  # the most items the family takes
+
+
+# Space file section -> what it fills: the cnn family's blocks, the resnet family's stages.
+REPEATS = {
+    "blocks": RepeatKind("model.blocks", "depth", "block", BlockConfig, 6),
+    "stages": RepeatKind("model.stages", "stages", "stage", StageConfig, 6),
+}
 
 
 class Suggester(Protocol):
@@ -91,27 +113,51 @@ class Dist:
 
 
 @dataclass(frozen=True)
+class Repeat:
+    """One ``blocks:`` or ``stages:`` section: how many items, then what each item searches."""
+
+    section: str  # a key of REPEATS
+    count: Dist | int  # a Dist named REPEATS[section].count, or a fixed number
+    item: dict  # item key -> Dist (per item, named <prefix><i>.<key>) or a fixed value
+
+    @property
+    def kind(self) -> RepeatKind:
+        return REPEATS[self.section]
+
+    def item_dist(self, i: int, key: str) -> Dist:
+        return replace(self.item[key], name=f"{self.kind.prefix}{i}.{key}")
+
+    def param_names(self) -> list[str]:
+        names = [self.count.name] if isinstance(self.count, Dist) else []
+        for i in range(self._max_count()):
+            names += [f"{self.kind.prefix}{i}.{k}" for k, v in self.item.items() if isinstance(v, Dist)]
+        return names
+
+    def _max_count(self) -> int:
+        if isinstance(self.count, Dist):
+            return int(max(self.count.grid or (self.count.high,)) if self.count.kind == "int" else max(self.count.choices))
+        return int(self.count)
+
+    def resolve(self, trial: Suggester, picked: dict[str, Any]) -> list[dict[str, Any]]:
+        """The section's items as config dicts; records the count in ``picked``."""
+        count = self.count.suggest(trial) if isinstance(self.count, Dist) else self.count
+        picked[self.kind.count] = count
+        return [{key: self.item_dist(i, key).suggest(trial) if isinstance(spec, Dist) else spec
+                 for key, spec in self.item.items()} for i in range(int(count))]
+
+
+@dataclass(frozen=True)
 class Space:
     name: str  # built-in name, or the file path it came from
     source: str  # where it was read from (shown in errors)
     base: dict  # fixed TrialConfig fields
-    depth: Dist | int | None  # None: the blocks come from base
-    block: dict  # "channels"/"kernel_size"/"convs" -> Dist (per block, named blockI.key) or a fixed value
+    repeats: tuple[Repeat, ...]  # blocks, then stages, where the file has them; else from base
     params: tuple[Dist, ...]  # in definition order: a condition refers only to earlier ones
     fingerprint: str  # hash of the definition: reopening a study checks it
     baseline: dict | None = None  # a known-good point of the space (parameter -> value), run first
 
     def param_names(self) -> list[str]:
-        names = [self.depth.name] if isinstance(self.depth, Dist) else []
-        max_depth = self._max_depth()
-        for i in range(max_depth):
-            names += [f"block{i}.{k}" for k, v in self.block.items() if isinstance(v, Dist)]
-        return names + [d.name for d in self.params]
-
-    def _max_depth(self) -> int:
-        if isinstance(self.depth, Dist):
-            return int(max(self.depth.grid or (self.depth.high,)) if self.depth.kind == "int" else max(self.depth.choices))
-        return int(self.depth or 0)
+        return [n for r in self.repeats for n in r.param_names()] + [d.name for d in self.params]
 
 
 # --------------------------------------------------------------------------- resolve
@@ -122,20 +168,8 @@ def resolve(space: Space, trial: Suggester, overrides: dict[str, Any] | None = N
     e.g. the run's ``--epochs``) apply last. Raises ConfigError for a config that cannot exist."""
     cfg = json.loads(json.dumps(space.base))  # deep copy of plain data
     picked: dict[str, Any] = {}
-    if space.depth is not None:
-        depth = space.depth.suggest(trial) if isinstance(space.depth, Dist) else space.depth
-        picked["depth"] = depth
-        blocks = []
-        for i in range(int(depth)):
-            block = {}
-            for key, spec in space.block.items():
-                if isinstance(spec, Dist):
-                    spec = replace(spec, name=f"block{i}.{key}")
-                    block[key] = spec.suggest(trial)
-                else:
-                    block[key] = spec
-            blocks.append(block)
-        replace_path(cfg, "model.blocks", blocks)
+    for repeat in space.repeats:
+        replace_path(cfg, repeat.kind.path, repeat.resolve(trial, picked))
     for dist in space.params:
         if all(picked.get(name, _MISSING) in allowed for name, allowed in dist.when):
             picked[dist.name] = value = dist.suggest(trial)
@@ -152,15 +186,16 @@ class GridWalker:
     """A stand-in trial that picks grid values by index, for enumerating the grid (below)."""
 
     def __init__(self, space: Space, prefix: list[int]) -> None:
-        self._space = space
         self._prefix = prefix
         self.indices: list[int] = []
         self.counts: list[int] = []
         self.params: dict[str, Any] = {}
         self._dists = {d.name: d for d in space.params}
+        self._counts = {r.kind.count: r.count for r in space.repeats if isinstance(r.count, Dist)}
+        self._items = {r.kind.prefix: r for r in space.repeats}
 
     def _pick(self, name: str) -> Any:
-        dist = self._dists.get(name) or self._block_dist(name)
+        dist = self._dists.get(name) or self._counts.get(name) or self._item_dist(name)
         values = dist.grid_values()
         j = len(self.indices)
         index = self._prefix[j] if j < len(self._prefix) else 0
@@ -169,12 +204,11 @@ class GridWalker:
         self.params[name] = values[index]
         return values[index]
 
-    def _block_dist(self, name: str) -> Dist:
-        if name == "depth":
-            assert isinstance(self._space.depth, Dist)
-            return self._space.depth
-        key = name.split(".", 1)[1]
-        return replace(self._space.block[key], name=name)
+    def _item_dist(self, name: str) -> Dist:
+        """``block3.channels`` -> the blocks section's channels distribution, so named."""
+        head, key = name.split(".", 1)
+        prefix = head.rstrip("0123456789")
+        return self._items[prefix].item_dist(int(head[len(prefix):]), key)
 
     def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
         return self._pick(name)
