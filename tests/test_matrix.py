@@ -14,8 +14,10 @@ These studies take minutes, so they are marked ``matrix`` and left out of the de
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import optuna
@@ -90,9 +92,10 @@ def _run_whole_study(workdir: Path, **kw: object) -> optuna.Study:
     return optuna.load_study(study_name=settings.study, storage=settings.storage)
 
 
-def _assert_whole(study: optuna.Study) -> None:
+def _assert_whole(study: optuna.Study, label: str) -> None:
     trials = study.get_trials(deepcopy=False)
     states = {t.number: outcome(t) for t in trials}
+    _report(label, trials)
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                 and TrialKey.REJECTED not in t.user_attrs]
     failed = {t.number: t.user_attrs.get(TrialKey.FAIL_REASON) for t in trials if t.state == TrialState.FAIL}
@@ -103,6 +106,16 @@ def _assert_whole(study: optuna.Study) -> None:
     assert len(finished) == MATRIX_TRIALS, f"{len(finished)} finished trials, not {MATRIX_TRIALS}: {states}"
 
 
+def _report(label: str, trials: list) -> None:
+    """One line per study to $CATDOG_MATRIX_REPORT when set: the closing note's table."""
+    path = os.environ.get("CATDOG_MATRIX_REPORT")
+    if not path:
+        return
+    counts = Counter("rejected" if TrialKey.REJECTED in t.user_attrs else outcome(t).lower() for t in trials)
+    with open(path, "a") as f:  # one short append per study: safe from several xdist workers
+        f.write(f"{label}\t" + " ".join(f"{k}={v}" for k, v in sorted(counts.items())) + "\n")
+
+
 @pytest.mark.matrix
 @pytest.mark.parametrize("workers", WORKERS)
 @pytest.mark.parametrize("sampler,pruner,objectives", ACCEPTED, ids=[_id(*c) for c in ACCEPTED])
@@ -110,7 +123,7 @@ def test_every_accepted_combination_runs_a_whole_study(workdir: Path, sampler: s
                                                        objectives: tuple[str, ...], workers: int) -> None:
     study = _run_whole_study(workdir, sampler=sampler, pruner=pruner, objectives=objectives,
                              workers=workers, devices=("cpu",) * workers)
-    _assert_whole(study)
+    _assert_whole(study, f"{_id(sampler, pruner, objectives)} workers={workers}")
     stopped = [t for t in study.get_trials(deepcopy=False) if outcome(t) == "PRUNED"]
     # Pruned trials are the state TPE's multi-objective split broke on: make sure they occur.
     # Not with `patient`: it prunes only a trial whose accuracy stalled, and in 3 epochs with the
@@ -124,7 +137,8 @@ def test_every_accepted_combination_runs_a_whole_study(workdir: Path, sampler: s
 def test_several_objectives_with_every_cost(workdir: Path, sampler: str) -> None:
     # accuracy,latency failed with TPE + the Pareto rule like accuracy,params did
     _assert_whole(_run_whole_study(workdir, sampler=sampler, pruner="pareto",
-                                   objectives=("accuracy", "params", "flops", "latency")))
+                                   objectives=("accuracy", "params", "flops", "latency")),
+                  f"{sampler}-pareto-accuracy+params+flops+latency workers=1")
 
 
 @pytest.mark.matrix
@@ -132,7 +146,7 @@ def test_several_objectives_with_every_cost(workdir: Path, sampler: str) -> None
 def test_a_budgeted_study(workdir: Path, objectives: tuple[str, ...]) -> None:
     pruner = "pareto" if len(objectives) > 1 else "sha"
     _assert_whole(_run_whole_study(workdir, sampler="tpe", pruner=pruner, objectives=objectives,
-                                   time_budget=600.0))
+                                   time_budget=600.0), f"tpe-{pruner}-{'+'.join(objectives)} --budget 10m")
 
 
 @pytest.mark.matrix
@@ -144,7 +158,7 @@ def test_a_max_params_study(workdir: Path, objectives: tuple[str, ...]) -> None:
     # Depth 2 with 8 channels in its second block has more parameters: some configs are turned away.
     study = _run_whole_study(workdir, sampler="tpe", pruner=pruner, objectives=objectives,
                              budget=Budget(max_params=600))
-    _assert_whole(study)
+    _assert_whole(study, f"tpe-{pruner}-{'+'.join(objectives)} --max-params 600")
     assert any(TrialKey.REJECTED in t.user_attrs for t in study.get_trials(deepcopy=False)), \
         "--max-params turned nothing away: the limit does not bite in this space"
 

@@ -30,7 +30,6 @@ from catdog_hpo.engine.resnet import build_resnet
 from catdog_hpo.errors import ConfigError
 
 RESNET_MIN_SIZE = 32  # px: below this the transfer families' five stride-2 stages leave nothing to pool
-RESNET_FEATURES = 512  # channels out of ResNet-18's last stage
 # Backbone stages of each transfer family (engine/transfer.py STAGES; a test checks they agree).
 TRANSFER_STAGES = {"resnet18": 5, "efficientnet_lite0": 9}
 

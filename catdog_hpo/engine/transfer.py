@@ -77,10 +77,6 @@ class TransferModel(nn.Module):
         return all(not p.requires_grad for n, p in self.named_parameters() if not n.startswith(HEAD + "."))
 
 
-def stage_count(family: str) -> int:
-    return len(FAMILY_CLASSES[family].STAGES)
-
-
 def param_groups(model: nn.Module, params: list[nn.Parameter], lr: float, ratio: float) -> list[Any]:
     """Optimizer input: for a transfer model with ``ratio`` != 1, the head at ``lr`` and the
     trainable backbone at ``lr * ratio`` (two groups); otherwise ``params`` unchanged."""
