@@ -28,6 +28,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="pick the most accurate completed trial with a latency of at most MS milliseconds")
     p.add_argument("--out", type=Path, default=None, metavar="FILE",
                    help="output .yaml/.yml/.json (default: studies/exports/<study>-trial<N>.yaml)")
+    p.add_argument("--with-weights", action="store_true",
+                   help="also copy the trial's own best-epoch weights (kept by run for its top trials) beside "
+                   "the file, as FILE.weights.pt: `retrain --no-train` then ships them without training")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
+                   help="with --with-weights: the --checkpoint-dir the study ran with (default: run's default)")
     p.set_defaults(handler=_handle)
 
 
@@ -43,7 +48,8 @@ def _handle(args: argparse.Namespace) -> int:
         raise UserError(f"--max-latency {args.max_latency}: must be more than 0 ms")
     done = export_trial(ExportSettings(study=args.study, storage=args.storage, trial=args.trial,
                                        out=args.out, studies_dir=STUDIES_DIR, pareto=args.pareto,
-                                       max_params=args.max_params, max_latency=args.max_latency))
+                                       max_params=args.max_params, max_latency=args.max_latency,
+                                       with_weights=args.with_weights, checkpoint_dir=args.checkpoint_dir))
     t = done.trial
     epochs = TrialRecord.from_trial(t).epochs_run
     print(f"exported trial {t.number} of study {args.study!r} (val accuracy {t.values[0]:.4f}"
@@ -51,4 +57,7 @@ def _handle(args: argparse.Namespace) -> int:
     print(f"picked: {done.rule}")
     print("reproduce it with:")
     print(f"  {done.command}")
+    if args.with_weights:
+        print(f"or ship the search's own weights of epoch {TrialRecord.from_trial(t).best_epoch} without training:")
+        print(f"  {done.command} --no-train")
     return 0

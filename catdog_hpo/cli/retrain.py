@@ -49,6 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="output folder (default: studies/models/<config file stem>)")
     p.add_argument("--no-export", action="store_true", help="skip the TorchScript, ONNX and torch.export exports")
+    p.add_argument("--no-train", action="store_true",
+                   help="do not train: ship the search's own weights that `export --with-weights` saved beside "
+                   "FILE (evaluate, save, export, model card: the model the search measured, in seconds)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_handle)
 
@@ -75,7 +78,7 @@ def _handle(args: argparse.Namespace) -> int:
         weights=weights_file(args.weights),
         train_on=args.train_on, test_dir=args.test, device=args.device, out=args.out,
         studies_dir=STUDIES_DIR, formats=() if args.no_export else FORMATS, progress=not args.no_progress,
-        deterministic=args.deterministic,
+        deterministic=args.deterministic, no_train=args.no_train,
     )
     result = retrain(settings, log=_log)
     print(f"next: catdog-hpo predict --model {result.checkpoint} IMAGE|DIR ...")

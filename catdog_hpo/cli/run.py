@@ -62,6 +62,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heartbeat", type=positive_int, default=10, metavar="S",
                    help="seconds between trial heartbeats; a trial silent for 3x this is failed and retried (default: 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (trial lines only)")
+    g = p.add_argument_group("checkpoints (an interrupted trial's retry goes on from its last saved epoch)")
+    g.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
+                   help="where trials save their training state, on storage every worker reads (default: "
+                   "beside a SQLite or journal file; give it for PostgreSQL/MySQL studies on several machines)")
+    g.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                   help="epochs between a trial's saved states; 0: none (default: 1, every epoch)")
+    g.add_argument("--keep-weights", type=int, default=3, metavar="K",
+                   help="keep the best-epoch weights of the K most accurate trials, for export --with-weights "
+                   "(default: 3; 0: none)")
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="YAML file whose keys are these flags (trials: 50, max-params: 1000000, ...); "
                    "flags on the command line override it; the study and its exports record it")
@@ -107,6 +116,9 @@ def _handle(args: argparse.Namespace) -> int:
             raise UserError("--latency-device cuda: no CUDA GPU is available here (use --latency-device cpu)") from None
     source = data_source(args)
     from catdog_hpo.search.budget import parse_duration
+    from catdog_hpo.search.checkpoints import check_flags
+
+    check_flags(args.checkpoint_every, args.keep_weights, args.checkpoint_dir)
 
     time_budget = parse_duration(args.budget) if args.budget is not None else None
     trials = args.trials if args.trials is not None or time_budget is not None else DEFAULT_TRIALS
@@ -149,5 +161,6 @@ def _handle(args: argparse.Namespace) -> int:
         studies_dir=STUDIES_DIR, heartbeat=args.heartbeat, progress=not args.no_progress,
         deterministic=args.deterministic,
         objectives=objectives, latency_device=args.latency_device, run_config=run_config,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, keep_weights=args.keep_weights,
     )
     return run(settings)

@@ -84,8 +84,12 @@ def _delete(args: argparse.Namespace) -> int:
 
     # The trials' training-curve files live beside the store, not in it: remove them first.
     removed = remove_study_artifacts(study, artifact_store(STUDIES_DIR)) if (STUDIES_DIR / "artifacts").is_dir() else 0
+    from catdog_hpo.search.checkpoints import remove_study_folder
+
+    checkpoints = remove_study_folder(args.storage, args.name, STUDIES_DIR)  # where run keeps them by default
     optuna.delete_study(study_name=args.name, storage=storage)
-    print(f"deleted {what}" + (f" and its {removed} artifact files" if removed else ""))
+    print(f"deleted {what}" + (f" and its {removed} artifact files" if removed else "")
+          + (f" and {checkpoints} checkpoint files" if checkpoints else ""))
     return 0
 
 

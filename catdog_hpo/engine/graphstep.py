@@ -62,6 +62,15 @@ class ForeachSGD:
         for p in self.params:
             p.grad = None
 
+    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+        """The momentum buffers (what engine.resume saves; the lr lives in the schedule)."""
+        return {"bufs": self.bufs}
+
+    def load_state_dict(self, state: dict[str, list[torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for buf, saved in zip(self.bufs, state["bufs"], strict=True):
+                buf.copy_(saved)
+
 
 def graph_optimizer(params: list[nn.Parameter], o: OptimConfig, device: torch.device,
                     fused: bool) -> tuple[torch.optim.Optimizer | ForeachSGD, torch.Tensor]:

@@ -25,7 +25,7 @@ from torch import nn
 from catdog_hpo import config
 from catdog_hpo.config import OptimConfig, TrialConfig, check_optim
 from catdog_hpo.data import ImageSet
-from catdog_hpo.engine import heads
+from catdog_hpo.engine import heads, resume
 from catdog_hpo.engine.augment import augment_batch, normalize_batch
 from catdog_hpo.engine.graphstep import GRAPH_OPTIMIZERS, StaticStep, graph_optimizer
 from catdog_hpo.engine.runtime import VAL_RESIDENT_VALUES, Runtime, apply_backends, for_device, val_batch_size
@@ -351,14 +351,16 @@ def _progress_bar(enabled: bool, total: int) -> Any:
 
 def _run(cfg: TrialConfig, data: ImageSet, device: torch.device,
          on_epoch_end: Callable[[EpochStats], None] | None, model: nn.Module | None,
-         progress: bool, runtime: Runtime | None, feature_cache: Path | None = None) -> FitResult:
+         progress: bool, runtime: Runtime | None, feature_cache: Path | None = None,
+         ck: resume.CheckpointSpec = resume.CheckpointSpec()) -> FitResult:
     check_optim(cfg.optim)
     if data.train_x.shape[0] == 0 or data.val_x.shape[0] == 0:
         raise UserError(f"data: {data.train_x.shape[0]} training and {data.val_x.shape[0]} "
                         "validation images; both must be at least 1")
     torch.manual_seed(cfg.train.seed)  # weight init and dropout
     if model is None and feature_cache is not None and heads.applies(cfg):
-        # frozen backbone: train the head on cached backbone features (engine/heads.py)
+        # frozen backbone: train the head on cached backbone features (engine/heads.py). Not
+        # checkpointed: its epochs take seconds, and its state is the features' draw as well.
         return heads.fit_frozen(cfg, data, device, feature_cache, on_epoch_end, progress)
     if model is None:
         model = build_model(cfg.model, len(data.classes), data.image_size)
@@ -366,9 +368,16 @@ def _run(cfg: TrialConfig, data: ImageSet, device: torch.device,
     epochs = cfg.train.epochs
     history: list[EpochStats] = []
     best_epoch, best_acc, best_state = 0, 0.0, None
+    if ck.resume is not None:  # go on after the saved epoch: weights, optimizer, schedule, random streams
+        resume.restore(loop, ck.resume)
+        history = [EpochStats(**h) for h in ck.resume.history]
+        best_epoch, best_acc, best_state = ck.resume.best_epoch, ck.resume.best_acc, ck.resume.best_state
+    saving = True  # until a write fails
     loop.bar = _progress_bar(progress, epochs * loop.n_batches)
+    if loop.bar is not None:
+        loop.bar.update(len(history) * loop.n_batches)
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(len(history) + 1, epochs + 1):
             if loop.bar is not None:
                 loop.bar.set_description(f"epoch {epoch}/{epochs}")
             start = time.perf_counter()
@@ -390,6 +399,8 @@ def _run(cfg: TrialConfig, data: ImageSet, device: torch.device,
                 loop.bar.set_postfix(val_acc=f"{val_acc:.3f}", refresh=False)
             if on_epoch_end is not None:
                 on_epoch_end(stats)  # may raise (the study's TrialPruned): it propagates unchanged
+            if saving and ck.due(epoch, epochs):  # after the report: a pruned epoch is not saved
+                saving = resume.save(ck, loop, epoch, history, (best_epoch, best_acc, best_state))
     finally:
         if loop.bar is not None:
             loop.bar.close()
@@ -405,6 +416,7 @@ def fit(
     progress: bool = False,
     runtime: Runtime | None = None,
     feature_cache: Path | None = None,
+    checkpoint: resume.CheckpointSpec | None = None,
 ) -> FitResult:
     """Train ``cfg`` on ``data`` for cfg.train.epochs epochs on ``device``; keep the best epoch.
 
@@ -416,9 +428,12 @@ def fit(
     unchanged, with the locals of fit's frames dropped so the model's memory can be freed.
     ``feature_cache``: the cache folder; with it, a frozen-backbone transfer config trains only
     its head on cached backbone features (``engine.heads``), seconds instead of minutes.
+    ``checkpoint`` (``engine.resume``): save the training state at epoch ends, and go on from a
+    saved one; the history then holds the saved epochs too, and ``on_epoch_end`` sees only new ones.
     """
     try:
-        return _run(cfg, data, device, on_epoch_end, model, progress, runtime, feature_cache)
+        return _run(cfg, data, device, on_epoch_end, model, progress, runtime, feature_cache,
+                    checkpoint or resume.CheckpointSpec())
     except Exception as exc:  # out of memory, a CUDA error, a prune: the caller handles it
         # The traceback's frames hold the model, optimizer state and batches; drop their locals
         # so the caller can free the device memory while it handles the error.

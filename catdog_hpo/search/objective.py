@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
@@ -19,6 +19,9 @@ from catdog_hpo.data.provider import ImageProvider
 from catdog_hpo.errors import ConfigError
 from catdog_hpo.search.record import TrialKey
 from catdog_hpo.search.spaces import Space, resolve
+
+if TYPE_CHECKING:
+    from catdog_hpo.search.checkpoints import Checkpoints
 
 
 class TrialFailed(Exception):
@@ -78,6 +81,7 @@ def run_trial(
     artifact_store: Any | None = None,
     goal: Goal = Goal(),
     guard: Any | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> float | list[float]:
     """Train one trial and return its value: the validation accuracy of its BEST epoch, the
     epoch retrain keeps (with ``goal.multi``: the list of its objective values, accuracy first,
@@ -89,6 +93,8 @@ def run_trial(
     build, ``guard``: catdog_hpo.search.budget.Guard's cost model and time budget). A turned-away
     trial has the reason in the ``rejected`` user attribute and a positive Optuna constraint, so
     TPE learns to propose fewer such configs. TrialFailed for a run without a value.
+    ``checkpoints`` (search.checkpoints.Checkpoints): save the training state at epoch ends, and
+    as the retry of an interrupted trial go on from its last one, its epochs reported again first.
     """
     from catdog_hpo.engine.train import EpochStats, fit
 
@@ -133,10 +139,17 @@ def run_trial(
         if prune:
             raise (_StoppedEarly if goal.multi else optuna.TrialPruned)(f"pruned after epoch {stats.epoch}")
 
+    spec = checkpoints.start(trial, cfg, data) if checkpoints is not None else None
     try:
+        if spec is not None and spec.resume is not None:
+            from catdog_hpo.search.checkpoints import replay
+
+            for stats in replay(spec.resume.history):  # the pruner sees the taken-over epochs as they were
+                on_epoch_end(stats)
         with interrupts.allowed():  # training: a signal stops it at once
             # feature_cache: a frozen-backbone trial trains its head on cached features (engine/heads.py)
-            result = fit(cfg, data, images.device, on_epoch_end=on_epoch_end, feature_cache=images.cache_dir)
+            result = fit(cfg, data, images.device, on_epoch_end=on_epoch_end, feature_cache=images.cache_dir,
+                         checkpoint=spec)
     except _StoppedEarly:
         best = max(history, key=lambda h: (h["val_acc"], -h["epoch"]))  # ties: the earlier epoch
         trial.set_user_attr(TrialKey.BEST_EPOCH, int(best["epoch"]))
@@ -145,6 +158,8 @@ def run_trial(
     trial.set_user_attr(TrialKey.BEST_EPOCH, result.best_epoch)
     if result.status != "completed":
         raise TrialFailed(result.reason or result.status)
+    if checkpoints is not None and spec is not None:  # all its epochs ran: its best weights may ship
+        checkpoints.keep_best(trial, cfg, data.classes, spec.key, result)
     if artifact_store is not None:
         from catdog_hpo.search.artifacts import upload_training_curves
 

@@ -38,6 +38,9 @@ def trial_line(t: FrozenTrial) -> str:
     state = "rejected" if TrialKey.REJECTED in t.user_attrs else outcome(t).lower()
     if t.user_attrs.get(TrialKey.BASELINE):
         shown = "baseline  " + shown
+    if t.user_attrs.get(TrialKey.RESUMED_FROM_EPOCH):  # a retry that went on from a checkpoint
+        shown = (f"resumed trial {t.user_attrs.get(TrialKey.RESUMED_FROM_TRIAL)} after epoch "
+                 f"{t.user_attrs[TrialKey.RESUMED_FROM_EPOCH]}  " + shown)
     predicted = t.user_attrs.get(TrialKey.PREDICTED_S)
     pred = f" (pred {predicted:6.1f})" if isinstance(predicted, (int, float)) and TrialKey.REJECTED not in t.user_attrs else ""
     return f"trial {t.number:>4} {state:<8} acc {value:>6}  {epochs:>3} ep {seconds:7.1f} s{pred}  {shown}"

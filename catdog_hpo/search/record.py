@@ -46,6 +46,12 @@ class TrialKey:
     BASELINE = "baseline"  # True on the space's baseline config (enqueued as trial 0 of a new study)
     ENQUEUED_FROM = "enqueued_from"  # run --enqueue FILE: the file a user config came from
     BUDGET_STOP = "budget_stop"  # why a running trial was stopped at an epoch end (budget spent)
+    # Trial checkpoints (search.checkpoints): file names inside the study's checkpoint folder.
+    CHECKPOINT = "checkpoint"  # the training-state file it writes (a retry writes on into its source's)
+    WEIGHTS_FILE = "weights_file"  # its best-epoch weights, kept for the top trials (export --with-weights)
+    RESUMED_FROM_TRIAL = "resumed_from_trial"  # a retry: the trial whose checkpoint it went on from
+    RESUMED_FROM_EPOCH = "resumed_from_epoch"  # a retry: epochs taken from that checkpoint (0: started over)
+    RESUME_IGNORED = "resume_ignored"  # a retry: why the checkpoint was not used (missing, damaged, mismatched)
 
 
 class StudyKey:
@@ -104,6 +110,11 @@ class TrialRecord:
     predicted_s: float | None = None
     measured_s: float | None = None
     baseline: bool = False
+    checkpoint: str | None = None
+    weights_file: str | None = None
+    resumed_from_trial: int | None = None
+    resumed_from_epoch: int | None = None
+    resume_ignored: str | None = None
 
     @classmethod
     def from_trial(cls, trial: FrozenTrial | optuna.Trial) -> TrialRecord:
@@ -129,6 +140,11 @@ class TrialRecord:
             predicted_s=ua.get(TrialKey.PREDICTED_S),
             measured_s=ua.get(TrialKey.MEASURED_S),
             baseline=bool(ua.get(TrialKey.BASELINE, False)),
+            checkpoint=ua.get(TrialKey.CHECKPOINT),
+            weights_file=ua.get(TrialKey.WEIGHTS_FILE),
+            resumed_from_trial=ua.get(TrialKey.RESUMED_FROM_TRIAL),
+            resumed_from_epoch=ua.get(TrialKey.RESUMED_FROM_EPOCH),
+            resume_ignored=ua.get(TrialKey.RESUME_IGNORED),
         )
 
     @property

@@ -34,6 +34,7 @@ from catdog_hpo.search.objective import Budget, Goal
 from catdog_hpo.search.objectives import directions
 from catdog_hpo.search import optuna_compat
 from catdog_hpo.search.budget import format_duration
+from catdog_hpo.search.checkpoints import where as checkpoint_note
 from catdog_hpo.search.locks import study_lock
 from catdog_hpo.search.samplers import (MULTI_OBJECTIVE_PRUNERS, PRUNERS, SAMPLERS,
                                         SINGLE_OBJECTIVE_SAMPLERS)
@@ -78,6 +79,9 @@ class RunSettings:
     baseline: bool = True  # enqueue the space's baseline config as trial 0 of a new study
     enqueue: tuple[dict[str, Any], ...] = ()  # run --enqueue FILE: params to run first (before the baseline)
     enqueue_from: str | None = None  # that FILE, recorded on its trials
+    checkpoint_dir: Path | None = None  # --checkpoint-dir (None: beside a SQLite/journal file; search.checkpoints)
+    checkpoint_every: int = 1  # --checkpoint-every: epochs between a trial's saved states (0: none)
+    keep_weights: int = 3  # --keep-weights: completed trials whose best-epoch weights are kept
 
 
 # --------------------------------------------------------------------------- storage
@@ -355,6 +359,9 @@ def run(settings: RunSettings) -> int:
     if len(set(used)) > 1:  # a resume switched samplers: say so, and what ran before
         print(f"sampler: this run uses {settings.sampler}; the study has used {' -> '.join(used)} "
               f"(recorded in its {StudyKey.SAMPLERS_USED!r} attribute)")
+    note = checkpoint_note(settings.storage, settings.study, settings.studies_dir, settings.checkpoint_dir)
+    if note and settings.checkpoint_every:  # a server store without --checkpoint-dir
+        print(note)
     if grid:
         print(f"grid: {grid:,} points; this run stops after {target:,} of them"
               + (" (the whole grid)" if target == grid else f" (--trials {settings.trials})"))

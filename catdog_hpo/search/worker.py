@@ -5,7 +5,8 @@ more: ``run_workers``). It stops when the study has its N, the grid is done, the
 fits no more trials, the guards keep turning the sampler's configs away, or trials keep failing.
 A trial never stays RUNNING: an interrupt fails it and queues its parameters to run first on
 resume; a sticky CUDA error (one the probe confirms) does the same, once per trial, and asks for
-a fresh worker process (RESTART_EXIT). Workers sharing a GPU each get 1/K of its memory and hand
+a fresh worker process (RESTART_EXIT); the retry goes on from the trial's last saved epoch
+(``search.checkpoints``), which every worker tidies after each trial. Workers sharing a GPU each get 1/K of its memory and hand
 their cached memory back after every trial.
 """
 
@@ -24,7 +25,7 @@ from optuna.trial import TrialState
 from catdog_hpo.engine.device import classify_cuda_error, cuda_context_works, free_device_memory
 from catdog_hpo.errors import UserError
 from catdog_hpo.data.provider import ImageProvider
-from catdog_hpo.search import interrupts, optuna_compat
+from catdog_hpo.search import checkpoints, interrupts, optuna_compat
 from catdog_hpo.search.budget import format_duration, rejects_tolerated
 from catdog_hpo.search.objective import Budget, Goal, TrialFailed, run_trial
 from catdog_hpo.search.record import TrialKey
@@ -61,6 +62,8 @@ def work(settings: RunSettings, device: str, deadline: float | None,
     space, storage, study, grid, images = (opened.space, opened.storage, opened.study, opened.grid,
                                            opened.images)
     store = artifact_store(settings.studies_dir)
+    ckpts = checkpoints.for_run(settings.storage, settings.study, settings.studies_dir, settings.checkpoint_dir,
+                                settings.checkpoint_every, settings.keep_weights)
     overrides = overrides_of(settings)
     clock, guard = _budget_guard(settings, study, device)
     fails_in_a_row = rejects_in_a_row = proposed = admitted = 0
@@ -76,7 +79,8 @@ def work(settings: RunSettings, device: str, deadline: float | None,
         # The heartbeat thread study.optimize runs too (ours is an ask/tell loop, for the budget).
         with optuna_compat.heartbeat_thread(trial, storage):
             state = _run_one(study, trial, space, overrides, images, settings.budget, store, goal_of(settings),
-                             guard)
+                             guard, ckpts)
+        ckpts.tidy(study)  # the finished trial's checkpoint; weights that fell out of the top
         _release_memory(trial.number)  # cached blocks back to the driver: a neighbour's trial may need them
         fails_in_a_row = fails_in_a_row + 1 if state == TrialState.FAIL else 0
         rejected = trial.user_attrs.get(TrialKey.REJECTED) if state == TrialState.PRUNED else None
@@ -117,12 +121,12 @@ def _budget_guard(settings: RunSettings, study: optuna.Study, device: str) -> tu
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, space: Space, overrides: dict[str, Any],
              images: ImageProvider, budget: Budget, store: Any, goal: Goal = Goal(),
-             guard: Any = None) -> TrialState:
+             guard: Any = None, ckpts: checkpoints.Checkpoints | None = None) -> TrialState:
     """Run one claimed trial and tell the study how it ended; never leaves it RUNNING.
     WorkerRestart after a sticky CUDA error (the trial failed and, unless it was a retry
     already, its parameters queued again)."""
     try:
-        value = run_trial(trial, space, overrides, images, budget, store, goal, guard)
+        value = run_trial(trial, space, overrides, images, budget, store, goal, guard, ckpts)
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         return TrialState.PRUNED

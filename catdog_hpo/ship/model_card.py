@@ -169,6 +169,7 @@ def render_card(doc: dict[str, Any] | None, m: dict[str, Any], retrain_command: 
         f"mean {m.get('normalisation', {}).get('mean', NA)} and std {m.get('normalisation', {}).get('std', NA)}",
         f"- Architecture: {cfg['model']['family']}; {_v(m['n_params'])} parameters; {_v(m['flops'])} FLOPs per image",
         f"- Latency: {lat.get('ms', NA)} ms ({lat.get('method', NA)})",
+        _weights_line(m),
         "- Files: model.pt (checkpoint), model.ts (TorchScript), model.onnx, metrics.json, curves.svg", "",
         "## How it was found", "",
         f"- Study: {_v(s.get('study') or doc.get('study'))}; sampler {_v(s.get('sampler'))}, pruner {_v(s.get('pruner'))}, "
@@ -213,6 +214,15 @@ def render_card(doc: dict[str, Any] | None, m: dict[str, Any], retrain_command: 
         "",
     ]
     return "\n".join(lines)
+
+
+def _weights_line(m: dict[str, Any]) -> str:
+    """Where the weights come from: retrained, or the search's own (retrain --no-train)."""
+    w = m.get("searched_weights")
+    if not w:
+        return f"- Weights: retrained by `catdog-hpo retrain` ({m['kept']})"
+    return (f"- Weights: the search's own, not retrained: trial {_v(w.get('trial'))}'s best epoch "
+            f"({_v(w.get('epoch'))}), the model the search measured (val accuracy {_pct(w.get('val_acc'))} then)")
 
 
 def _split(src: dict[str, Any]) -> str:

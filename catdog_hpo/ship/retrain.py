@@ -32,7 +32,9 @@ from catdog_hpo.data.testset import load_test_set
 from catdog_hpo.errors import UserError
 from catdog_hpo.ship.formats import ExportResult, ModelMeta, export_all
 from catdog_hpo.ship.predict import evaluate
-from catdog_hpo.ship.retrain_report import checkpoint_metrics, metrics_document, plural, seed_line, summary_lines
+from catdog_hpo.ship import searched
+from catdog_hpo.ship.retrain_report import (checkpoint_metrics, metrics_document, plural, retrain_command, seed_line,
+                                            summary_lines)
 from catdog_hpo.ship.choices import TRAIN_ON  # the --train-on choices
 from catdog_hpo.ship.trialfile import ExportInfo, read_export_info
 
@@ -56,6 +58,7 @@ class RetrainSettings:
     formats: tuple[str, ...] = FORMATS  # () skips the TorchScript/ONNX exports
     progress: bool = False
     deterministic: bool = False  # --deterministic (engine.runtime.configure_process)
+    no_train: bool = False  # --no-train: ship the export file's searched weights (ship.searched)
 
 
 @dataclass
@@ -225,6 +228,8 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> Re
         raise UserError(f"--train-on {settings.train_on!r}: expected one of {', '.join(TRAIN_ON)}")
     if settings.seeds < 1:
         raise UserError(f"--seeds {settings.seeds}: must be 1 or more")
+    if settings.no_train:
+        searched.check_no_train(settings)
     file_cfg, cfg = _configs(settings)
     info = read_export_info(settings.config)
     check_model(cfg.model, cfg.image_size)  # before any data is loaded: a bad model fails fast
@@ -259,10 +264,12 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> Re
     if test is not None and test[2]:
         log(f"note: --test: skipped {len(test[2])} files that could not be decoded: {', '.join(test[2][:5])}")
     log(f"model: {cfg.model.family}, {cost.params:,} parameters, {cost.flops / 1e6:,.1f} MFLOPs/image; "
-        f"device: {device}; training on {settings.train_on} for {plural(cfg.train.epochs, 'epoch')}, "
-        f"{plural(settings.seeds, 'seed')}")
+        f"device: {device}; " + ("no training: the search's own weights (--no-train)" if settings.no_train else
+                                 f"training on {settings.train_on} for {plural(cfg.train.epochs, 'epoch')}, "
+                                 f"{plural(settings.seeds, 'seed')}"))
 
-    runs = _train_seeds(settings, cfg, data, test, device, log)
+    train = searched.searched_run if settings.no_train else _train_seeds
+    runs = train(settings, cfg, data, test, device, log)
     good = [r for r in runs if r.ok]
     if not good:
         raise UserError(f"no seed produced a model: {runs[0].reason or runs[0].status} "
@@ -270,6 +277,9 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> Re
     kept = max(good, key=lambda r: (r.val["accuracy"], -r.seed))  # ties: the first seed
     kept_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=kept.seed))
     metrics = metrics_document(settings, file_cfg, kept_cfg, source, data, same_data, info, runs, kept, cost, device)
+    if settings.no_train:
+        metrics["searched_weights"] = searched.record(settings)
+        metrics["kept"] = metrics["searched_weights"]["note"]
 
     checkpoint = out / "model.pt"
     try:
@@ -307,32 +317,10 @@ def _model_card(settings: RetrainSettings, out: Path, kept: SeedRun, cfg: TrialC
                                 "note": "uint8 pixels / 255, then (x - mean) / std per RGB channel"}
     try:
         write_mapping(out / "metrics.json", metrics)
-        path = write_model_card(out, doc, metrics, _retrain_command(settings))
+        path = write_model_card(out, doc, metrics, retrain_command(settings))
     except OSError as exc:
         raise UserError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
     log(f"latency {metrics['latency']['ms']} ms ({metrics['latency']['method']}); model card: {path}")
-
-
-def _retrain_command(settings: RetrainSettings) -> str:
-    """The retrain command these settings came from, as a user would type it."""
-    import shlex
-
-    args = ["catdog-hpo", "retrain", "--config", str(settings.config)]
-    if settings.data is not None:
-        src = settings.data
-        args += ["--data", str(src.path)] if src.path is not None else ["--dataset", str(src.name)]
-        args += ["--val-fraction", str(src.val_fraction), "--split-seed", str(src.split_seed)]
-    for flag, value in (("--epochs", settings.epochs), ("--seed", settings.seed), ("--test", settings.test_dir),
-                        ("--out", settings.out)):
-        if value is not None:
-            args += [flag, str(value)]
-    if settings.seeds != 1:
-        args += ["--seeds", str(settings.seeds)]
-    if settings.train_on != "train":
-        args += ["--train-on", settings.train_on]
-    if settings.device != "auto":
-        args += ["--device", settings.device]
-    return shlex.join(args)
 
 
 def _check_batch(data: ImageSet, meta: ModelMeta) -> torch.Tensor:

@@ -134,3 +134,27 @@ def plural(count: int, noun: str) -> str:
 
 def _f(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def retrain_command(settings: RetrainSettings) -> str:
+    """The retrain command these settings came from, as a user would type it."""
+    import shlex
+
+    args = ["catdog-hpo", "retrain", "--config", str(settings.config)]
+    if settings.data is not None:
+        src = settings.data
+        args += ["--data", str(src.path)] if src.path is not None else ["--dataset", str(src.name)]
+        args += ["--val-fraction", str(src.val_fraction), "--split-seed", str(src.split_seed)]
+    for flag, value in (("--epochs", settings.epochs), ("--seed", settings.seed), ("--test", settings.test_dir),
+                        ("--out", settings.out)):
+        if value is not None:
+            args += [flag, str(value)]
+    if settings.seeds != 1:
+        args += ["--seeds", str(settings.seeds)]
+    if settings.train_on != "train":
+        args += ["--train-on", settings.train_on]
+    if settings.device != "auto":
+        args += ["--device", settings.device]
+    if settings.no_train:
+        args.append("--no-train")
+    return shlex.join(args)

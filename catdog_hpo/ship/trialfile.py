@@ -47,6 +47,8 @@ class ExportSettings:
     pareto: bool = False  # pick from the Pareto front (search.pareto.pick_front_point)
     max_params: int | None = None  # ... the most accurate trial with at most this many parameters
     max_latency: float | None = None  # ... and/or at most this latency, ms
+    with_weights: bool = False  # --with-weights: copy the trial's best-epoch weights beside it (ship.searched)
+    checkpoint_dir: Path | None = None  # --checkpoint-dir run used (None: run's default for the store)
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,10 @@ def export_trial(settings: ExportSettings) -> Exported:
     from catdog_hpo.ship.model_card import search_record
 
     doc["search"] = search_record(study, trial, rule, front, _export_args(settings), mask_password(settings.storage))
+    if settings.with_weights:  # retrain --no-train ships them as the search measured them
+        from catdog_hpo.ship.searched import export_weights
+
+        doc["weights"] = export_weights(settings, study, trial, cfg, path)
     try:
         write_mapping(path, doc)
     except OSError as exc:
