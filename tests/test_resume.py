@@ -149,6 +149,25 @@ def test_files_that_are_not_resumed_from(data: ImageSet, tmp_path: Path, monkeyp
         assert "\n" not in message
 
 
+def test_saves_alternate_between_two_files_and_a_damaged_newer_one_falls_back(data: ImageSet, tmp_path: Path) -> None:
+    cfg = dataclasses.replace(config(), train=dataclasses.replace(config().train, epochs=4))
+    key = fingerprint(cfg, 3, data.train_x.shape[0])
+    path = tmp_path / "trial-0-ab.pt"
+    fit(cfg, data, CPU, checkpoint=CheckpointSpec(path, 1, key=key))  # epochs 1, 2, 3 saved
+    main, twin = resume.state_paths(path)
+    assert twin.name == "trial-0-ab.b.pt" and resume.twin_base(twin.name) == path.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trial-0-ab.b.pt", "trial-0-ab.pt"]  # no temp files left
+    state = load_state(path, key)
+    assert (state.epoch, state.source, state.passed_over) == (3, main, "")
+    main.write_bytes(main.read_bytes()[:500])  # the newer one damaged: the older one still resumes
+    state = load_state(path, key)
+    assert state.epoch == 2 and state.source == twin and "damaged" in state.passed_over
+    resumed = fit(cfg, data, CPU, checkpoint=CheckpointSpec(path, 1, resume=state, key=key))
+    whole = fit(cfg, data, CPU)
+    assert timeless(resumed.history) == timeless(whole.history)
+    assert load_state(path, key).source == main  # the next save went into the other file (the damaged one)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_the_cuda_path_resumes(data: ImageSet, tmp_path: Path) -> None:
     """On CUDA (graph-captured static step, the loop's generator on the device): the resumed fit

@@ -43,8 +43,8 @@ if os.environ.get("CATDOG_TEST_PAUSE"):
     from catdog_hpo.engine import resume
     _save = resume.save
 
-    def save(spec, loop, at, history, best):
-        ok = _save(spec, loop, at, history, best)
+    def save(spec, loop, at, history, best, newest):
+        ok = _save(spec, loop, at, history, best, newest)
         if at == int(epoch) and spec.path.name.startswith(f"trial-{trial}-"):
             with open(marker + ".tmp", "w") as fh:
                 fh.write(str(os.getpid()))
@@ -125,7 +125,11 @@ def folder(root: Path) -> Path:
 
 
 def saved(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The newest state of a trial's checkpoint: ``path`` or its twin (engine.resume.state_paths)."""
+    from catdog_hpo.engine.resume import state_paths
+
+    states = [torch.load(p, map_location="cpu", weights_only=True) for p in state_paths(path) if p.exists()]
+    return max(states, key=lambda s: s["epoch"])
 
 
 def timeless(history: list[dict]) -> list[dict]:
@@ -186,7 +190,10 @@ def test_a_damaged_checkpoint_is_ignored_with_one_warning(workdir: Path, referen
     os.kill(wait_paused(workdir, proc), signal.SIGINT)
     assert proc.finish()[0] == 130
     path = folder(workdir / "studies") / load(workdir).trials[0].user_attrs[TrialKey.CHECKPOINT]
-    path.write_bytes(path.read_bytes()[:1000])  # cut short
+    twins = sorted(folder(workdir / "studies").glob("trial-0-*.pt"))
+    assert len(twins) == 2  # saves alternate between two files
+    for twin in twins:
+        twin.write_bytes(twin.read_bytes()[:1000])  # cut short
 
     code, out, err = start(workdir, run_args(), "b").finish()
     assert code == 0, err
@@ -198,14 +205,15 @@ def test_a_damaged_checkpoint_is_ignored_with_one_warning(workdir: Path, referen
     assert retry.user_attrs[TrialKey.RESUMED_FROM_EPOCH] == 0 and "damaged" in retry.user_attrs[TrialKey.RESUME_IGNORED]
     # trained again from epoch 1, with the same seed: the same history
     assert timeless(retry.user_attrs[TrialKey.HISTORY]) == timeless(reference.user_attrs[TrialKey.HISTORY])
-    assert not path.exists()  # tidied with its trial
+    assert not path.exists() and not any(t.exists() for t in twins)  # tidied with its trial
 
 
 def test_one_of_two_workers_killed_the_other_resumes_its_trial(workdir: Path) -> None:
     proc = start(workdir, run_args("--workers", "2", trials=2), "a", pause=(1, 5))
     worker = wait_paused(workdir, proc)
     assert worker != proc.popen.pid
-    taken_over = saved(next(folder(workdir / "studies").glob("trial-1-*.pt")))["history"]
+    (state_file,) = [p for p in folder(workdir / "studies").glob("trial-1-*.pt") if not p.name.endswith(".b.pt")]
+    taken_over = saved(state_file)["history"]
     os.kill(worker, signal.SIGKILL)
     code, out, err = proc.finish()
     assert code == 2 and "1 of 2 workers exited with an error" in err  # the killed one
@@ -236,7 +244,7 @@ def test_a_machine_of_a_postgres_study_dies_another_resumes_from_the_shared_dir(
     proc = start(machines[0], args, "a", pause=(0, 5))
     os.kill(wait_paused(machines[0], proc), signal.SIGKILL)  # the machine is lost
     proc.finish()
-    (state_file,) = shared.glob("postgresql-*/resume/trial-0-*.pt")
+    (state_file,) = [p for p in shared.glob("postgresql-*/resume/trial-0-*.pt") if not p.name.endswith(".b.pt")]
     taken_over = saved(state_file)["history"]
     code, out, err = start(machines[1], args, "b").finish()
     assert code == 0, err

@@ -372,7 +372,7 @@ def _run(cfg: TrialConfig, data: ImageSet, device: torch.device,
         resume.restore(loop, ck.resume)
         history = [EpochStats(**h) for h in ck.resume.history]
         best_epoch, best_acc, best_state = ck.resume.best_epoch, ck.resume.best_acc, ck.resume.best_state
-    saving = True  # until a write fails
+    saving, newest = True, ck.resume.source if ck.resume is not None else None  # saving: until a write fails
     loop.bar = _progress_bar(progress, epochs * loop.n_batches)
     if loop.bar is not None:
         loop.bar.update(len(history) * loop.n_batches)
@@ -400,7 +400,8 @@ def _run(cfg: TrialConfig, data: ImageSet, device: torch.device,
             if on_epoch_end is not None:
                 on_epoch_end(stats)  # may raise (the study's TrialPruned): it propagates unchanged
             if saving and ck.due(epoch, epochs):  # after the report: a pruned epoch is not saved
-                saving = resume.save(ck, loop, epoch, history, (best_epoch, best_acc, best_state))
+                newest = resume.save(ck, loop, epoch, history, (best_epoch, best_acc, best_state), newest)
+                saving = newest is not None
     finally:
         if loop.bar is not None:
             loop.bar.close()

@@ -9,7 +9,8 @@ maps a study's trials onto its files.
   without it such a study keeps them under ``studies/checkpoints/`` of each machine, and a retry
   on another machine starts over). An in-memory store keeps none: nothing could retry from it.
 - Which file: a trial names its file in its ``CHECKPOINT`` attribute (``trial-<n>-<random>.pt``,
-  a name no other study or store reuses) before the first write. A retry takes over the file
+  a name no other study or store reuses; saves alternate with its twin ``.b.pt``, engine.resume)
+  before the first write. A retry takes over the file
   of the trial it retries and writes on into it. The trial a retry retries: Optuna's stale-trial
   retry of a dead worker (the last of ``retry_history``), else ours (``RETRY_OF``: an interrupt,
   a sticky CUDA error).
@@ -37,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from catdog_hpo.config import TrialConfig
 from catdog_hpo.data import ImageSet
-from catdog_hpo.engine.resume import CheckpointSpec, StateRejected, fingerprint, load_state, save_weights
+from catdog_hpo.engine.resume import CheckpointSpec, StateRejected, fingerprint, load_state, save_weights, twin_base
 from catdog_hpo.errors import UserError
 from catdog_hpo.search import optuna_compat
 from catdog_hpo.search.record import TrialKey, finished_complete
@@ -117,6 +118,9 @@ class Checkpoints:
                 if name is None:
                     raise StateRejected(f"trial {source} left no checkpoint")
                 state = load_state(self.folder / name, key)
+                if state.passed_over:  # the newer of its two files was damaged: one epoch back
+                    warnings.warn(f"trial {trial.number} retries trial {source}: {state.passed_over}; going on "
+                                  f"from the other file, after epoch {state.epoch}")
             except StateRejected as exc:
                 why, name = str(exc), None
                 if old.intermediate_values:  # it had trained: that work is lost
@@ -172,7 +176,7 @@ class Checkpoints:
         needed |= {t.user_attrs[TrialKey.WEIGHTS_FILE] for t in best}
         removed = 0
         for path in files:
-            if path.name in needed:
+            if twin_base(path.name) in needed:  # a trial's state is two files under one name
                 continue
             ours = path.suffix == ".pt" and path.name.startswith(("trial-", "best-"))
             torn = path.name.startswith(".") and path.name.endswith(".tmp") and _age(path) > STALE_TMP_S
