@@ -38,6 +38,7 @@ KERNEL_SIZES = (1, 3, 5, 7)
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("none", "step", "cosine", "onecycle", "plateau")
 CROPS = ("none", "resized", "pad")
+MIXES = ("none", "mixup", "cutmix")  # engine/mix.py: pairs of training images mixed, soft targets
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class AugmentConfig:
     flip: bool = True  # random horizontal flip
     color_jitter: bool = False  # brightness/contrast/saturation jitter
     strength: float = 0.5  # 0..1: how far crops, padding and jitter may go
+    mix: str = "none"  # mixup (blend) or cutmix (pasted box) of image pairs, soft targets; MIXES
+    mix_alpha: float = 1.0  # Beta(alpha, alpha) of the mixing share: 1 = uniform; small: most near 0 or 1
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,9 @@ def _check_augment(a: AugmentConfig, where: str) -> None:
     _one_of(where, "crop", a.crop, CROPS)
     if not 0.0 <= a.strength <= 1.0:
         raise ConfigError(f"{where}.strength: {a.strength!r} must be in [0, 1]")
+    _one_of(where, "mix", a.mix, MIXES)
+    if not a.mix_alpha > 0:
+        raise ConfigError(f"{where}.mix_alpha: {a.mix_alpha!r} must be > 0 (the Beta(alpha, alpha) of mixup/cutmix)")
 
 
 def check_optim(o: OptimConfig, where: str = "optim") -> None:

@@ -12,6 +12,8 @@ features, so the cache holds ``train.feature_views`` views per training image: v
 plain image, views 1.. are augmented (``augment_batch`` with the trial's augmentation, a fixed
 seed). Every epoch each training image contributes one of its views, drawn at random. With the
 augmentation off (crop none, no flip, no jitter) there is one view. Validation uses plain images.
+Mixing (``augment.mix``, engine/mix.py) is ignored here: a mixed image's features would have to
+be extracted anew every epoch, which is what this path exists to avoid.
 
 Public API:
   applies(cfg)                                  True when a trial can take this path
@@ -44,6 +46,7 @@ from catdog_hpo.engine.regularize import with_l1
 
 FEATURE_VERSION = 1  # bump when extraction changes: old feature files are then simply not found
 VIEW_SEED = 1234  # seed of the cached augmented views (fixed: the views are part of the cache)
+VIEW_KEYS = ("crop", "flip", "color_jitter", "strength")  # the AugmentConfig keys augment_batch reads
 # Images per backbone forward during extraction. On a 2-core CPU small batches stay in cache:
 # EfficientNet-Lite0 at 224 px, channels_last, ran 25 img/s at 64, 53 at 32, 125-158 at 4-8.
 EXTRACT_BATCH = {"cpu": 8, "cuda": 256}
@@ -84,7 +87,10 @@ def feature_key(cfg: TrialConfig, data: ImageSet) -> dict[str, Any]:
     return {
         "kind": "features", "v": FEATURE_VERSION, "images": data.fingerprint, "family": cfg.model.family,
         "weights": weights_identity(path) if path is not None else "torchvision:ResNet18_Weights.IMAGENET1K_V1",
-        "views": views, "augment": to_dict(cfg.augment) if views > 1 else None, "view_seed": VIEW_SEED,
+        "views": views, "view_seed": VIEW_SEED,
+        # only the keys the views depend on (mixing is not applied here): the same files as before
+        # augment.mix existed, and one file for every mix setting
+        "augment": {k: to_dict(cfg.augment)[k] for k in VIEW_KEYS} if views > 1 else None,
     }
 
 

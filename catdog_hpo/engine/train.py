@@ -28,6 +28,7 @@ from catdog_hpo.data import ImageSet
 from catdog_hpo.engine import heads, resume
 from catdog_hpo.engine.augment import augment_batch, normalize_batch
 from catdog_hpo.engine.graphstep import GRAPH_OPTIMIZERS, StaticStep, graph_optimizer
+from catdog_hpo.engine.mix import mix_batch
 from catdog_hpo.engine.runtime import VAL_RESIDENT_VALUES, Runtime, apply_backends, for_device, val_batch_size
 from catdog_hpo.errors import ConfigError, UserError
 from catdog_hpo.engine.models import build_model
@@ -167,6 +168,7 @@ class _Loop:
     val_batch: int
     n_batches: int  # training batches per epoch
     capture: bool  # capture the static step in a CUDA graph
+    classes: int  # classes of the data: the width of mixed (soft) targets
     shadow: torch.optim.Optimizer | None = None  # static path: the optimizer the schedule steps
     lr_tensor: torch.Tensor | None = None  # static path: the device lr the step reads
     step: StaticStep | None = None  # static path: made at the first batch (it needs the shape)
@@ -211,8 +213,10 @@ class _Loop:
             idx = perm[c * bs:(c + nb) * bs]
             # index_select, not x[idx]: advanced indexing copies uint8 images element by element
             # on the CPU (about 25x slower, measured in bench/pipeline.py).
-            xs = self._layout(augment_batch(self.train_x.index_select(0, idx), self.cfg.augment, self.gen))
-            ys = self.train_y.index_select(0, idx)
+            xs = augment_batch(self.train_x.index_select(0, idx), self.cfg.augment, self.gen)
+            # mixup/cutmix (augment.mix): soft B x C targets for the whole trial; "none": untouched
+            xs, ys = mix_batch(xs, self.train_y.index_select(0, idx), self.classes, self.cfg.augment, self.gen)
+            xs = self._layout(xs)
             for j in range(nb):
                 x, y = xs[j * bs:(j + 1) * bs], ys[j * bs:(j + 1) * bs]  # views: no copy
                 if self.shadow is not None:
@@ -337,7 +341,7 @@ def _make_loop(cfg: TrialConfig, data: ImageSet, device: torch.device, model: nn
         # no-ops when the caller already keeps the set on the device (the study does)
         train_x=data.train_x.to(device), train_y=data.train_y.to(device),
         val_n=val_n, val_y=val_y, n_val=int(data.val_x.shape[0]), val_batch=val_batch,
-        n_batches=n_batches, capture=capture, shadow=shadow, lr_tensor=lr_tensor,
+        n_batches=n_batches, capture=capture, classes=len(data.classes), shadow=shadow, lr_tensor=lr_tensor,
     )
 
 
