@@ -95,6 +95,9 @@ class AugmentConfig:
     strength: float = 0.5  # 0..1: how far crops, padding and jitter may go
     mix: str = "none"  # mixup (blend) or cutmix (pasted box) of image pairs, soft targets; MIXES
     mix_alpha: float = 1.0  # Beta(alpha, alpha) of the mixing share: 1 = uniform; small: most near 0 or 1
+    # Test-time flip averaging: validation, retrain's scores, predict and the exported files
+    # average the logits of each image and its horizontal mirror (2 forwards per image).
+    tta: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,10 @@ class TrainConfig:
     # Frozen-backbone fast path (engine/heads.py): backbone features of this many views per
     # training image are cached (view 0 plain, the rest augmented); 1 = no augmentation.
     feature_views: int = 4
+    # EMA of the weights and BN statistics, validated, kept and exported in place of the raw ones:
+    # the decay per optimizer step (step n uses min(ema, (1 + n) / (10 + n))); 0 = off. Not on the
+    # frozen-backbone fast path (engine/heads.py).
+    ema: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -271,6 +278,8 @@ def _check_train(t: TrainConfig, where: str) -> None:
     _at_least(where, "accum_steps", t.accum_steps, 1)
     _at_least(where, "grad_clip", t.grad_clip, 0.0)
     _at_least(where, "feature_views", t.feature_views, 1)
+    if not 0.0 <= t.ema < 1.0:
+        raise ConfigError(f"{where}.ema: {t.ema!r} must be in [0, 1) (the EMA decay per optimizer step; 0 = off)")
 
 
 def _check_trial(c: TrialConfig, where: str) -> None:

@@ -27,8 +27,10 @@ LONG_MODULES = {
                              "--enqueue), claiming under the lock, the summary; the worker loop is search/worker.py"),
     "config.py": (400, "every config dataclass with its boundary check, in the one module that needs no "
                        "torch: the shape a trial, a training run and an export share"),
-    "engine/train.py": (450, "fit() reads top to bottom as one training flow (optimizers, "
-                             "schedulers, the epoch loop); the GPU engine work is landing in it"),
+    "engine/train.py": (480, "fit() reads top to bottom as one training flow (optimizers, "
+                             "schedulers, the epoch loop); the GPU engine work is landing in it, and the "
+                             "hooks of issue 23's tricks (L1, EMA, TTA, mixing: their code lives in "
+                             "engine/regularize.py, ema.py, tta.py, mix.py)"),
 }
 # Optuna's private API: only search/optuna_compat.py may use it (pinned in pyproject).
 PRIVATE_OPTUNA = re.compile(r"optuna\.[\w.]*\._\w|from optuna[\w.]*\._\w+ import|\._study_id\b|\._trial_id\b")

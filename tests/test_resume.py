@@ -103,6 +103,36 @@ def test_the_static_step_resumes_too(data: ImageSet, tmp_path: Path, optim: str)
     assert timeless(resumed.history) == timeless(whole.history)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-step"])
+def test_the_weight_average_resumes_too(data: ImageSet, tmp_path: Path, static: bool) -> None:
+    """train.ema: the average and its warm-up step count are saved and restored, so validation,
+    the best epoch and the kept (averaged) weights match the uninterrupted fit."""
+    cfg = config("sgd", "cosine", momentum=0.9)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema=0.8))
+    rt = Runtime(channels_last=True, static_step=True) if static else None
+    whole = fit(cfg, data, CPU, runtime=rt)
+    resumed, _ = interrupted_then_resumed(cfg, data, tmp_path / "state.pt", stop_after=2, runtime=rt)
+    assert timeless(resumed.history) == timeless(whole.history)
+    assert (resumed.best_epoch, resumed.best_val_acc) == (whole.best_epoch, whole.best_val_acc)
+    assert all(torch.equal(resumed.best_state[k], whole.best_state[k]) for k in whole.best_state)
+
+
+def test_a_saved_best_epoch_is_the_average_it_validated(data: ImageSet, tmp_path: Path) -> None:
+    """The file leaves out best_state when the best epoch is the saved one: with train.ema it is
+    read back as the average, not the raw weights. The first two epochs of a 3-epoch fit are a
+    2-epoch fit's (StepLR does not depend on the epoch count)."""
+    def ema_cfg(epochs: int) -> TrialConfig:
+        cfg = config("adam", "step")
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema=0.8, epochs=epochs))
+    path = tmp_path / "state.pt"
+    key = fingerprint(ema_cfg(3), 3, data.train_x.shape[0])
+    fit(ema_cfg(3), data, CPU, checkpoint=CheckpointSpec(path, 1, key=key))
+    state = load_state(path, key)
+    two = fit(ema_cfg(2), data, CPU)
+    assert state.epoch == 2 and state.ema is not None and state.best_epoch == two.best_epoch
+    assert all(torch.equal(state.best_state[k], two.best_state[k]) for k in two.best_state)
+
+
 def test_nothing_is_saved_after_the_last_epoch_nor_when_the_fit_is_stopped(data: ImageSet, tmp_path: Path) -> None:
     cfg = dataclasses.replace(config(), train=dataclasses.replace(config().train, epochs=2))
     path = tmp_path / "state.pt"

@@ -34,6 +34,8 @@ from catdog_hpo.data import ImageSet
 from catdog_hpo.engine.runtime import val_batch_size
 
 UPDATE_FLOPS = 20  # FLOP-equivalents per parameter per optimizer step (Adam reads/writes ~5 tensors)
+EMA_FLOPS = 6  # ... added by train.ema (one lerp: reads the weight and the average, writes the average)
+L1_FLOPS = 8  # ... added by optim.l1 (|w| and its sum forward, sign(w) x l1 added to the gradient backward)
 TRAIN_FLOP_FACTOR = 3  # forward + backward (input and weight gradients) = 3 x forward
 CALIBRATION_TRAIN = 768  # images per calibration epoch (12 batches; a few seconds on 2 CPU cores at 32-64 px)
 CALIBRATION_VAL = 64
@@ -55,11 +57,13 @@ class Workload:
     epochs: int
     setup_flops: int = 0  # one-off FLOPs before the first epoch (a frozen backbone's feature extraction)
     acts: int = 0  # output values of all leaf modules per image, forward (layer_stats)
+    val_passes: int = 1  # forwards per validation image: 2 with augment.tta (the image and its mirror)
+    update_flops: int = UPDATE_FLOPS  # per parameter per optimizer step (more with train.ema, optim.l1)
 
 
 def _val_steps(w: Workload) -> int:
-    """Validation batches per epoch, as engine.train makes them (3-channel images)."""
-    return math.ceil(w.n_val / val_batch_size(w.n_val, 3 * w.image_size * w.image_size))
+    """Validation forwards per epoch, as engine.train makes them (3-channel images)."""
+    return w.val_passes * math.ceil(w.n_val / val_batch_size(w.n_val, 3 * w.image_size * w.image_size))
 
 
 @dataclass(frozen=True)
@@ -95,8 +99,9 @@ class Calibration:
 def _terms(w: Workload) -> tuple[float, float, float]:
     """An epoch's (FLOPs, activation values, layer-steps): what flop_rate, act_s and step_s price."""
     steps = math.ceil(w.n_train / w.batch_size)
-    work = TRAIN_FLOP_FACTOR * w.flops * w.n_train + w.flops * w.n_val + steps * w.params * UPDATE_FLOPS
-    values = TRAIN_FLOP_FACTOR * w.acts * w.n_train + w.acts * w.n_val
+    n_val = w.val_passes * w.n_val
+    work = TRAIN_FLOP_FACTOR * w.flops * w.n_train + w.flops * n_val + steps * w.params * w.update_flops
+    values = TRAIN_FLOP_FACTOR * w.acts * w.n_train + w.acts * n_val
     return float(work), float(values), float((steps + _val_steps(w)) * w.layers)
 
 
@@ -136,9 +141,10 @@ def workload(cfg: TrialConfig, flops: int, params: int, num_classes: int, n_trai
                         batch_size=cfg.train.batch_size, n_train=n_train, n_val=n_val,
                         epochs=cfg.train.epochs, setup_flops=setup)
     layers, acts = layer_stats(cfg.model, num_classes, cfg.image_size)
+    update = UPDATE_FLOPS + (EMA_FLOPS if cfg.train.ema > 0 else 0) + (L1_FLOPS if cfg.optim.l1 > 0 else 0)
     return Workload(flops=flops, params=params, layers=layers, image_size=cfg.image_size,
                     batch_size=cfg.train.batch_size, n_train=n_train, n_val=n_val, epochs=cfg.train.epochs,
-                    acts=acts)
+                    acts=acts, val_passes=2 if cfg.augment.tta else 1, update_flops=update)
 
 
 # Three reference CNNs, each dominated by another term: a tiny one at a small batch (its epoch is

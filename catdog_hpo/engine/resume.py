@@ -1,7 +1,8 @@
 """A fit's training state at an epoch's end, saved so an interrupted fit goes on from there.
 
 What the next epoch draws on, and nothing else: the model's weights and buffers, the optimizer
-(on the static step also its shadow, which the schedule steps), the lr schedule, the epochs so
+(on the static step also its shadow, which the schedule steps), the moving average of the
+weights (``train.ema``, engine/ema.py), the lr schedule, the epochs so
 far with the best one (its weights too, unless the best is the epoch just saved), and every
 random stream the next epoch reads: torch's default generator (dropout; on CUDA the device's
 as well) and the loop's generator on the training device (the epoch's ``randperm`` and every
@@ -74,9 +75,10 @@ class TrainingState:
     device_type: str  # "cpu" | "cuda": the random streams restore only onto the same kind
     best_epoch: int
     best_acc: float
-    best_state: dict[str, torch.Tensor] | None  # None in the file when best_epoch == epoch: the model's
+    best_state: dict[str, torch.Tensor] | None  # None in the file when best_epoch == epoch: the model's (EMA's)
     source: Path | None = None  # the file it was read from (the next save goes to its twin)
     passed_over: str = ""  # why its twin, damaged or mismatched, was not used ("" when it was not)
+    ema: dict[str, Any] | None = None  # WeightEMA.checkpoint() (None: train.ema off)
 
 
 @dataclass(frozen=True)
@@ -137,9 +139,10 @@ def save(spec: CheckpointSpec, loop: _Loop, epoch: int, history: list[Any], best
         "model": _cpu(loop.model.state_dict()),
         "optimizer": _cpu(loop.optimizer.state_dict()),
         "shadow": loop.shadow.state_dict() if loop.shadow is not None else None,
+        "ema": _cpu(loop.ema.checkpoint()) if loop.ema is not None else None,
         "scheduler": loop.schedule.scheduler.state_dict() if loop.schedule.scheduler is not None else None,
         "rng": rng, "best_epoch": best_epoch, "best_acc": best_acc,
-        # the best epoch is often the one just saved: its weights are "model" already
+        # the best epoch is often the one just saved: its weights are "model" (or the EMA's) already
         "best_state": None if best_epoch == epoch else best_state,
     }
     main, twin = state_paths(spec.path)
@@ -181,6 +184,8 @@ def restore(loop: _Loop, state: TrainingState) -> None:
             group["lr"] = lr_tensor
     if loop.shadow is not None and state.shadow is not None:
         loop.shadow.load_state_dict(state.shadow)
+    if loop.ema is not None and state.ema is not None:  # the fingerprint (config) makes them go together
+        loop.ema.load(state.ema)
     if loop.schedule.scheduler is not None and state.scheduler is not None:
         loop.schedule.scheduler.load_state_dict(state.scheduler)
     # (the static step copies the shadow's restored lr into its lr tensor at its next step)
@@ -218,12 +223,15 @@ def _load_one(path: Path, key: str) -> TrainingState:
     try:
         epoch = int(data["epoch"])
         model = data["model"]
+        ema = data.get("ema")
+        kept = ema["state"] if ema is not None else model  # what the epoch validated and kept
         return TrainingState(
             epoch=epoch, history=tuple(data["history"]), model=model, optimizer=data["optimizer"],
             shadow=data["shadow"], scheduler=data["scheduler"], rng=data["rng"],
             device_type=str(data["device_type"]), best_epoch=int(data["best_epoch"]),
             best_acc=float(data["best_acc"]),
-            best_state=data["best_state"] if data["best_state"] is not None else model, source=Path(path))
+            best_state=data["best_state"] if data["best_state"] is not None else kept, source=Path(path),
+            ema=ema)
     except (KeyError, TypeError, ValueError) as exc:
         raise StateRejected(f"{path}: damaged ({type(exc).__name__}: {exc})") from None
 

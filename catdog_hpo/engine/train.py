@@ -27,6 +27,9 @@ from catdog_hpo.config import OptimConfig, TrialConfig, check_optim
 from catdog_hpo.data import ImageSet
 from catdog_hpo.engine import heads, resume
 from catdog_hpo.engine.augment import augment_batch, normalize_batch
+from catdog_hpo.engine.ema import WeightEMA, averaged
+from catdog_hpo.engine.regularize import with_l1
+from catdog_hpo.engine.tta import tta_forward
 from catdog_hpo.engine.graphstep import GRAPH_OPTIMIZERS, StaticStep, graph_optimizer
 from catdog_hpo.engine.mix import mix_batch
 from catdog_hpo.engine.runtime import VAL_RESIDENT_VALUES, Runtime, apply_backends, for_device, val_batch_size
@@ -55,7 +58,7 @@ class FitResult:
     history: list[EpochStats]  # finished epochs; a non-finite epoch is not in it
     best_epoch: int  # 1-based epoch with the highest val accuracy; 0 if none finished
     best_val_acc: float
-    best_state: dict[str, torch.Tensor] | None  # CPU copy of the best epoch's weights
+    best_state: dict[str, torch.Tensor] | None  # CPU copy of the best epoch's weights (the EMA ones with train.ema)
     reason: str = ""  # why the run stopped early, e.g. "non-finite training loss at epoch 3"
 
 
@@ -172,6 +175,7 @@ class _Loop:
     shadow: torch.optim.Optimizer | None = None  # static path: the optimizer the schedule steps
     lr_tensor: torch.Tensor | None = None  # static path: the device lr the step reads
     step: StaticStep | None = None  # static path: made at the first batch (it needs the shape)
+    ema: WeightEMA | None = None  # train.ema > 0: the average validated and kept in place of the weights
     bar: Any = field(default=None)  # tqdm bar or None
     _lr_set: float = math.nan  # the value last written into lr_tensor
 
@@ -235,6 +239,8 @@ class _Loop:
                                    self.cfg.train.grad_clip, self.rt.autocast, x, y, self.capture)
         self._set_lr()
         self.step(x, y)
+        if self.ema is not None:  # after the replay, outside the captured graph
+            self.ema.update()
         self.shadow.step()  # no parameters with grads: only tells the scheduler a step happened
         self.schedule.after_step()
 
@@ -247,6 +253,8 @@ class _Loop:
             if t.grad_clip > 0:
                 nn.utils.clip_grad_norm_(self.params, t.grad_clip)  # no host sync
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.schedule.after_step()
         return loss.detach()
@@ -261,22 +269,25 @@ class _Loop:
         """(mean plain cross-entropy, accuracy) on the validation set, as device scalars.
 
         In fp32, without autocast: bf16 logits round the loss and send argmax ties to class 0,
-        while retrain, predict and the exports are fp32. Fixed-shape batches (the last padded)."""
+        while retrain, predict and the exports are fp32. Fixed-shape batches (the last padded).
+        train.ema: the average is evaluated; augment.tta: the mean logits of image and mirror."""
         self.model.eval()
+        logits_of = tta_forward(lambda v: self.forward(v).float(), self.cfg.augment.tta)
         loss_sum = torch.zeros((), device=self.val_n.device)
         correct = torch.zeros((), device=self.val_n.device)
-        for i in range(0, self.val_n.shape[0], self.val_batch):
-            y = self.val_y[i:i + self.val_batch]
-            x = self.val_n[i:i + self.val_batch]
-            if x.dtype == torch.uint8:  # a val set too big to keep normalised
-                x = self._layout(normalize_batch(x))
-            logits = self.forward(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum", ignore_index=-100)
-            correct += (logits.argmax(1) == y).sum()
+        with averaged(self.ema):
+            for i in range(0, self.val_n.shape[0], self.val_batch):
+                y = self.val_y[i:i + self.val_batch]
+                x = self.val_n[i:i + self.val_batch]
+                if x.dtype == torch.uint8:  # a val set too big to keep normalised
+                    x = self._layout(normalize_batch(x))
+                logits = logits_of(x)
+                loss_sum += F.cross_entropy(logits, y, reduction="sum", ignore_index=-100)
+                correct += (logits.argmax(1) == y).sum()
         return loss_sum / self.n_val, correct / self.n_val
 
 
-def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+def _cpu_copy(model: nn.Module | WeightEMA) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
@@ -335,9 +346,10 @@ def _make_loop(cfg: TrialConfig, data: ImageSet, device: torch.device, model: nn
     gen = torch.Generator(device=device)
     gen.manual_seed(t.seed)
     val_n, val_y, val_batch = _validation(data, device, rt)
-    return _Loop(
+    return _Loop(  # optim.l1 wraps the criterion: the eager and the static step add it alike
         cfg=cfg, rt=rt, model=model, forward=forward, params=params, optimizer=optimizer,
-        schedule=schedule, criterion=nn.CrossEntropyLoss(label_smoothing=o.label_smoothing), gen=gen,
+        schedule=schedule, criterion=with_l1(nn.CrossEntropyLoss(label_smoothing=o.label_smoothing), params, o.l1),
+        gen=gen, ema=WeightEMA(model, t.ema) if t.ema > 0 else None,  # after the move: the device tensors
         # no-ops when the caller already keeps the set on the device (the study does)
         train_x=data.train_x.to(device), train_y=data.train_y.to(device),
         val_n=val_n, val_y=val_y, n_val=int(data.val_x.shape[0]), val_batch=val_batch,
@@ -398,7 +410,7 @@ def _run(cfg: TrialConfig, data: ImageSet, device: torch.device,
             stats = EpochStats(epoch, train_loss, val_loss, val_acc, time.perf_counter() - start, lr)
             history.append(stats)
             if best_epoch == 0 or val_acc > best_acc:
-                best_epoch, best_acc, best_state = epoch, val_acc, _cpu_copy(loop.model)
+                best_epoch, best_acc, best_state = epoch, val_acc, _cpu_copy(loop.ema or loop.model)  # what val scored
             if loop.bar is not None:
                 loop.bar.set_postfix(val_acc=f"{val_acc:.3f}", refresh=False)
             if on_epoch_end is not None:
@@ -409,6 +421,8 @@ def _run(cfg: TrialConfig, data: ImageSet, device: torch.device,
     finally:
         if loop.bar is not None:
             loop.bar.close()
+    if loop.ema is not None:  # the model a caller goes on with (retrain on train+val) is the one validated
+        loop.ema.copy_to_model()
     return FitResult("completed", history, best_epoch, best_acc, best_state)
 
 
@@ -435,6 +449,8 @@ def fit(
     its head on cached backbone features (``engine.heads``), seconds instead of minutes.
     ``checkpoint`` (``engine.resume``): save the training state at epoch ends, and go on from a
     saved one; the history then holds the saved epochs too, and ``on_epoch_end`` sees only new ones.
+    ``train.ema``: validation, ``best_state`` and a completed fit's model are the weights' average;
+    ``augment.tta``: validation flip-averages (engine/ema.py, tta.py; the head-only path ignores both).
     """
     try:
         return _run(cfg, data, device, on_epoch_end, model, progress, runtime, feature_cache,

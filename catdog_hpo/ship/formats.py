@@ -48,6 +48,7 @@ class ModelMeta:
     image_size: int  # px, square
     mean: tuple[float, ...]  # per channel, [0, 1] scale
     std: tuple[float, ...]
+    tta: bool = False  # the model averages the logits of each image and its mirror (augment.tta; engine/tta.py)
 
     def to_json(self) -> str:
         return json.dumps({
@@ -58,7 +59,9 @@ class ModelMeta:
             "mean": list(self.mean),
             "std": list(self.std),
             "input": f"float32 N x 3 x {self.image_size} x {self.image_size}, RGB, (x/255 - mean)/std",
-            "output": f"float32 N x {len(self.classes)} logits, in the order of classes",
+            "output": f"float32 N x {len(self.classes)} logits, in the order of classes"
+                      + (", averaged over each image and its horizontal mirror" if self.tta else ""),
+            "tta": self.tta,
             "catdog_hpo_version": __version__,
         })
 
@@ -76,7 +79,8 @@ class ModelMeta:
                             f"this catdog-hpo reads version {CHECKPOINT_FORMAT_VERSION}")
         try:
             return cls(classes=tuple(str(c) for c in data["classes"]), image_size=int(data["image_size"]),
-                       mean=tuple(float(v) for v in data["mean"]), std=tuple(float(v) for v in data["std"]))
+                       mean=tuple(float(v) for v in data["mean"]), std=tuple(float(v) for v in data["std"]),
+                       tta=bool(data.get("tta", False)))  # absent in files from before augment.tta
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{where}: damaged catdog-hpo metadata ({type(exc).__name__}: {exc})") from None
 

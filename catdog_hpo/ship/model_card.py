@@ -169,6 +169,7 @@ def render_card(doc: dict[str, Any] | None, m: dict[str, Any], retrain_command: 
         f"mean {m.get('normalisation', {}).get('mean', NA)} and std {m.get('normalisation', {}).get('std', NA)}",
         f"- Architecture: {cfg['model']['family']}; {_v(m['n_params'])} parameters; {_v(m['flops'])} FLOPs per image",
         f"- Latency: {lat.get('ms', NA)} ms ({lat.get('method', NA)})",
+        _tta_line(cfg),
         _weights_line(m),
         "- Files: model.pt (checkpoint), model.ts (TorchScript), model.onnx, metrics.json, curves.svg", "",
         "## How it was found", "",
@@ -216,13 +217,24 @@ def render_card(doc: dict[str, Any] | None, m: dict[str, Any], retrain_command: 
     return "\n".join(lines)
 
 
+def _tta_line(cfg: dict[str, Any]) -> str:
+    """Whether the model files hold test-time flip averaging (augment.tta, engine/tta.py)."""
+    if not (cfg.get("augment") or {}).get("tta"):
+        return "- Test-time augmentation: none (one forward per image)"
+    return ("- Test-time augmentation: flip averaging is inside model.ts, model.onnx and model.pt2: each averages "
+            "the logits of the image and its horizontal mirror (two forwards per image, in the latency above); "
+            "model.pt holds the plain network, and `catdog-hpo predict` applies the average from its config")
+
+
 def _weights_line(m: dict[str, Any]) -> str:
     """Where the weights come from: retrained, or the search's own (retrain --no-train)."""
     w = m.get("searched_weights")
+    decay = ((m.get("config") or {}).get("train") or {}).get("ema") or 0
+    ema = f"; the exponential moving average of the weights (decay {decay:g} per step)" if decay else ""
     if not w:
-        return f"- Weights: retrained by `catdog-hpo retrain` ({m['kept']})"
+        return f"- Weights: retrained by `catdog-hpo retrain` ({m['kept']}){ema}"
     return (f"- Weights: the search's own, not retrained: trial {_v(w.get('trial'))}'s best epoch "
-            f"({_v(w.get('epoch'))}), the model the search measured (val accuracy {_pct(w.get('val_acc'))} then)")
+            f"({_v(w.get('epoch'))}), the model the search measured (val accuracy {_pct(w.get('val_acc'))} then){ema}")
 
 
 def _split(src: dict[str, Any]) -> str:

@@ -10,6 +10,11 @@ Model files (by extension):
   .onnx       an ONNX file from retrain: class names, image size and normalisation are in its
               metadata_props under "catdog_hpo" (see ``formats``); run with onnxruntime on the CPU
   .ts         a TorchScript file from retrain (the same metadata as an extra file)
+  .pt2        a torch.export program from retrain (the same metadata as an extra file)
+
+Test-time flip averaging (``augment.tta``): the exported files hold it in their graph (their
+metadata says ``tta``); a checkpoint holds the plain network, and its config's ``augment.tta``
+wraps it here (``engine.tta``), so every kind predicts the same.
 
 A file that cannot be read or decoded is reported on its own row (``error``) and the rest go on.
 ``predict`` returns the rows; the CLI exits 0 when at least one image was predicted, else 2.
@@ -95,10 +100,13 @@ def _checkpoint_predictor(path: Path, device: torch.device) -> Predictor:
 
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; say so plainly for anything else
         raise UserError(f"--model {path}: not a catdog-hpo checkpoint (not a PyTorch zip archive)")
-    model, ck = load_model(path, device)
-    meta = ModelMeta(classes=ck.classes, image_size=ck.image_size, mean=tuple(ck.mean), std=tuple(ck.std))
+    from catdog_hpo.engine.tta import with_tta
 
-    return Predictor("checkpoint", path, meta, device, _torch_forward(model, device))
+    model, ck = load_model(path, device)
+    tta = ck.config.augment.tta  # the checkpoint holds the plain network: flip averaging comes from the config
+    meta = ModelMeta(classes=ck.classes, image_size=ck.image_size, mean=tuple(ck.mean), std=tuple(ck.std), tta=tta)
+
+    return Predictor("checkpoint", path, meta, device, _torch_forward(with_tta(model, tta), device))
 
 
 def _torchscript_predictor(path: Path, device: torch.device) -> Predictor:

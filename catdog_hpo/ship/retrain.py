@@ -3,7 +3,9 @@
 One call of ``train.fit`` per seed (the same function every trial ran), then, for the kept
 model: a checkpoint (everything ``predict`` needs), metrics.json (val and test accuracy,
 per-class precision/recall, confusion matrices, mean ± std over seeds), curves.svg, and the
-TorchScript/ONNX exports checked against PyTorch (``formats``).
+TorchScript/ONNX exports checked against PyTorch (``formats``). With ``augment.tta`` the scores,
+the exported files and the card's latency are of the flip-averaged model (``engine.tta``); the
+checkpoint keeps the plain network and its config, and predict wraps it from there.
 
 What is kept: training on ``train`` keeps each seed's best epoch (fit's ``best_state``: the val
 set chose it); on ``train+val`` there is no held-out set, so the final epoch's weights are kept
@@ -29,6 +31,7 @@ from torch import nn
 from catdog_hpo.config import TrialConfig, load_trial_config, read_mapping, with_train_overrides, write_mapping
 from catdog_hpo.data import DataSource, ImageSet, load_images
 from catdog_hpo.data.testset import load_test_set
+from catdog_hpo.engine.tta import with_tta
 from catdog_hpo.errors import UserError
 from catdog_hpo.ship.formats import ExportResult, ModelMeta, export_all
 from catdog_hpo.ship.predict import evaluate
@@ -121,7 +124,8 @@ def bare_model(cfg: TrialConfig, num_classes: int) -> nn.Module:
 def _meta(cfg: TrialConfig, classes: tuple[str, ...]) -> ModelMeta:
     from catdog_hpo.engine.augment import MEAN, STD
 
-    return ModelMeta(classes=tuple(classes), image_size=cfg.image_size, mean=tuple(MEAN), std=tuple(STD))
+    return ModelMeta(classes=tuple(classes), image_size=cfg.image_size, mean=tuple(MEAN), std=tuple(STD),
+                     tta=cfg.augment.tta)
 
 
 def train_seed(cfg: TrialConfig, data: ImageSet, device: torch.device, train_on: str,
@@ -189,6 +193,7 @@ def _train_seeds(settings: RetrainSettings, cfg: TrialConfig, data: ImageSet, te
         if run.ok:
             model = bare_model(seed_cfg, len(data.classes))
             model.load_state_dict(run.state)
+            model = with_tta(model, cfg.augment.tta)  # scored as validation scored it
             run.val = evaluate(model, train_data.val_x, train_data.val_y, meta, device)  # the device copy
             if test is not None:
                 run.test = evaluate(model, test[0], test[1], meta, device)
@@ -206,7 +211,8 @@ def _export_formats(settings: RetrainSettings, out: Path, checkpoint: Path, data
         (out / stale).unlink(missing_ok=True)  # never leave an export of an older model beside this one
     if not settings.formats:
         return []
-    model, _ck = load_model(checkpoint, torch.device("cpu"))  # the file as predict will read it
+    model, ck = load_model(checkpoint, torch.device("cpu"))  # the file as predict will read it
+    model = with_tta(model, ck.config.augment.tta)  # the files hold the flip average (meta.tta says so)
     batch = _check_batch(data, meta)
     exports = export_all(model, batch, out, meta, settings.formats)
     for r in exports:
@@ -312,6 +318,7 @@ def _model_card(settings: RetrainSettings, out: Path, kept: SeedRun, cfg: TrialC
     where = torch.device("cuda" if search.get("latency_device") == "cuda" and torch.cuda.is_available() else "cpu")
     model = bare_model(cfg, len(classes))
     model.load_state_dict(kept.state)
+    model = with_tta(model, cfg.augment.tta)  # the shipped files' cost: two forwards with flip averaging
     metrics["latency"] = measure_model(model, cfg.image_size, where).to_dict()
     metrics["normalisation"] = {"mean": list(MEAN), "std": list(STD),
                                 "note": "uint8 pixels / 255, then (x - mean) / std per RGB channel"}

@@ -47,7 +47,7 @@ def export_weights(settings: ExportSettings, study: optuna.Study, trial: FrozenT
     ``weights`` entry. UserError (one line) when run did not keep them or they do not match."""
     from catdog_hpo.search.checkpoints import study_folder
     from catdog_hpo.search.record import TrialRecord
-    from catdog_hpo.ship.trialfile import first_difference
+    from catdog_hpo.ship.trialfile import first_difference, normalised_config
 
     name = TrialRecord.from_trial(trial).weights_file
     folder, _ = study_folder(settings.storage, study.study_name, settings.studies_dir, settings.checkpoint_dir)
@@ -61,7 +61,7 @@ def export_weights(settings: ExportSettings, study: optuna.Study, trial: FrozenT
         weights = load_weights(source)
     except StateRejected as exc:
         raise UserError(f"--with-weights: {exc}") from None
-    diff = first_difference(weights["config"], to_dict(cfg))
+    diff = first_difference(normalised_config(weights["config"], f"--with-weights: {source}: config"), to_dict(cfg))
     if diff is not None:
         raise UserError(f"--with-weights: {source} holds another config than trial {trial.number}'s "
                         f"({diff[0]} = {diff[1]!r}, the trial's is {diff[2]!r})")
@@ -104,17 +104,19 @@ def searched_run(settings: RetrainSettings, cfg: TrialConfig, data: ImageSet, te
                  device: torch.device, log: Callable[[str], None]) -> list[SeedRun]:
     """retrain's one "seed" under --no-train: the trial's weights, evaluated on val (and test)."""
     from catdog_hpo.engine.augment import MEAN, STD
+    from catdog_hpo.engine.tta import with_tta
     from catdog_hpo.ship.formats import ModelMeta
     from catdog_hpo.ship.predict import evaluate
     from catdog_hpo.ship.retrain import SeedRun, bare_model
     from catdog_hpo.ship.retrain_report import seed_line
+    from catdog_hpo.ship.trialfile import normalised_config
 
     entry, path = searched_weights(settings.config)
     try:
         weights = load_weights(path)
     except StateRejected as exc:
         raise UserError(f"--no-train: {exc}") from None
-    if weights["config"] != to_dict(cfg):
+    if normalised_config(weights["config"], f"--no-train: {path}: config") != to_dict(cfg):
         raise UserError(f"--no-train: {path} holds another config than {settings.config}")
     if tuple(weights["classes"]) != tuple(data.classes):
         raise UserError(f"--no-train: the weights know classes {', '.join(weights['classes'])}, the data has "
@@ -125,6 +127,7 @@ def searched_run(settings: RetrainSettings, cfg: TrialConfig, data: ImageSet, te
                   kept_epoch=int(weights["epoch"]), state=weights["state_dict"])
     model = bare_model(cfg, len(data.classes))
     model.load_state_dict(run.state)
+    model = with_tta(model, cfg.augment.tta)  # scored as the trial's validation scored it
     meta = ModelMeta(classes=tuple(data.classes), image_size=cfg.image_size, mean=tuple(MEAN), std=tuple(STD))
     run.val = evaluate(model, data.val_x, data.val_y, meta, device)
     if test is not None:

@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from catdog_hpo.config import FORMAT_VERSION, TrialConfig, read_mapping, to_dict, write_mapping
+from catdog_hpo.config import FORMAT_VERSION, TrialConfig, from_dict, read_mapping, to_dict, write_mapping
 from catdog_hpo.data import DataSource
 from catdog_hpo.errors import ConfigError, UserError
 from catdog_hpo.search import optuna_compat
@@ -112,6 +112,7 @@ def replay_config(study: optuna.Study, trial: FrozenTrial) -> TrialConfig:
     recorded = TrialRecord.from_trial(trial).config
     if recorded is None:
         raise UserError(f"{where} has no recorded {TrialKey.CONFIG!r} attribute to check the replay against")
+    recorded = normalised_config(recorded, f"{where}: its recorded config")
     try:
         space = load_space(info.space)
     except UserError as exc:
@@ -135,6 +136,16 @@ def replay_config(study: optuna.Study, trial: FrozenTrial) -> TrialConfig:
                         f"{key} = {now!r}, but the trial ran with {then!r}: the space (or its overrides) "
                         f"changed since the study ran")
     return cfg
+
+
+def normalised_config(recorded: Any, where: str) -> dict[str, Any]:
+    """A recorded config dict read through ``TrialConfig`` and written back: keys added since it
+    was recorded get their defaults (off), so a study run before them still replays and compares.
+    UserError (one line) when it no longer reads (a key since removed, a value now refused)."""
+    try:
+        return to_dict(from_dict(TrialConfig, recorded, where=where))
+    except ConfigError as exc:
+        raise UserError(f"{exc}; this catdog-hpo cannot replay it") from None
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:

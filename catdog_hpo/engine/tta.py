@@ -1,0 +1,39 @@
+"""Test-time augmentation (``augment.tta``): the logits of an image and of its horizontal mirror,
+averaged. One function, so validation, retrain's scores, predict and the exported files (wrapped
+in ``FlipAverage``) compute the same thing. Logits, not probabilities, are averaged (as airbench
+does): the output stays a logit, so every consumer's softmax and argmax work unchanged. No Optuna here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def flip_average(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``forward`` on ``x`` (N x C x H x W) and on ``x`` mirrored left-right (dim 3)."""
+    return 0.5 * (forward(x) + forward(torch.flip(x, dims=(3,))))
+
+
+def tta_forward(forward: Callable[[torch.Tensor], torch.Tensor], tta: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``forward`` flip-averaged when ``tta``, else ``forward`` itself."""
+    return (lambda x: flip_average(forward, x)) if tta else forward
+
+
+class FlipAverage(nn.Module):
+    """``model`` with flip averaging inside: what the exported files hold when ``augment.tta`` is
+    on (two forwards per image). Its state dict keys carry a ``model.`` prefix: save the inner model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return flip_average(self.model, x)
+
+
+def with_tta(model: nn.Module, tta: bool) -> nn.Module:
+    """``model`` wrapped in ``FlipAverage`` when ``tta``, else ``model`` itself."""
+    return FlipAverage(model) if tta else model
