@@ -6,6 +6,7 @@ Public API (the rest of the package uses only these):
   load_images  DataSource + image size -> ImageSet, through the on-disk cache
 
 Inside (each module says more):
+  types    DataSource and ImageSet themselves (below every other data module)
   folder   ImageFolder layouts (train/ + val/, or flat with a seeded stratified split), scan
   decode   Pillow decoding policy (EXIF, modes -> RGB, centre square, JPEG draft), thread pool
   cache    fingerprints, the atomic cache file, the lock that lets processes share it
@@ -17,43 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# The two types live in data/types.py, below every data module (folder and builtin build them
+# too); they are re-exported here as the folder's public API.
+from catdog_hpo.data.types import DataSource, ImageSet
 from catdog_hpo.errors import UserError
 
-if TYPE_CHECKING:  # torch is imported where it is used, so DATASETS and DataSource stay light
-    import torch
-
+if TYPE_CHECKING:
     from catdog_hpo.data.recipe import Recipe
 
-
-@dataclass(frozen=True)
-class DataSource:
-    path: str | None = None  # an image folder (ImageFolder layout), or
-    name: str | None = None  # a built-in dataset (catdog_hpo.data.builtin.DATASETS key)
-    val_fraction: float = 0.2  # held out when the folder has no train/val split
-    split_seed: int = 0
-    root: str = "studies/datasets"  # where built-in datasets download to / are read from
-
-    def describe(self) -> str:
-        return self.path if self.path is not None else f"dataset:{self.name}"
-
-
-@dataclass
-class ImageSet:
-    train_x: torch.Tensor  # uint8, N x 3 x H x W
-    train_y: torch.Tensor  # int64, N
-    val_x: torch.Tensor  # uint8, M x 3 x H x W
-    val_y: torch.Tensor  # int64, M
-    classes: tuple[str, ...]
-    fingerprint: str  # content hash of the inputs, the split and the size: the cache key
-    skipped: tuple[str, ...] = field(default=())  # files that could not be decoded
-
-    @property
-    def image_size(self) -> int:
-        return int(self.train_x.shape[-1])
+__all__ = ["DataSource", "ImageSet", "load_images"]
 
 
 def load_images(source: DataSource, image_size: int, cache_dir: Path) -> ImageSet:

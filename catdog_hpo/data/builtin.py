@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from catdog_hpo.data.recipe import Recipe
+from catdog_hpo.data.types import DataSource, ImageSet
 from catdog_hpo.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
-    from catdog_hpo.data import DataSource, ImageSet
     from catdog_hpo.data.folder import Entry
 
 # ----------------------------------------------------------------------------- synthetic
@@ -100,8 +100,6 @@ def synthetic_recipe(source: DataSource) -> Recipe:
            "n_train": SYNTHETIC_TRAIN, "n_val": SYNTHETIC_VAL, "seed": seed}
 
     def build(image_size: int) -> ImageSet:
-        from catdog_hpo.data import ImageSet
-
         train_x, train_y = synthetic_images(SYNTHETIC_TRAIN, image_size, 2 * seed)
         val_x, val_y = synthetic_images(SYNTHETIC_VAL, image_size, 2 * seed + 1)
         return ImageSet(train_x, train_y, val_x, val_y, SYNTHETIC_CLASSES, fingerprint="")
@@ -205,7 +203,6 @@ def cifar10_catdog_recipe(source: DataSource) -> Recipe:
     def build(image_size: int) -> ImageSet:
         import torch
 
-        from catdog_hpo.data import ImageSet
         from catdog_hpo.data.folder import Entry, stratified_split
 
         x, y = _read_cifar_batches(files[:-1])  # data_batch_1..5 only: the test batch stays out

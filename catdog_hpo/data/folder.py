@@ -18,14 +18,12 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from catdog_hpo.data.decode import IMAGE_EXTENSIONS
 from catdog_hpo.data.recipe import Recipe
+from catdog_hpo.data.types import DataSource, ImageSet
 from catdog_hpo.errors import UserError
-
-if TYPE_CHECKING:
-    from catdog_hpo.data import DataSource, ImageSet
 
 _MAX_NAMED_SKIPS = 5  # files named in the skip warning; the rest are counted
 
@@ -164,7 +162,6 @@ def decode_entries(
     """
     import torch
 
-    from catdog_hpo.data import ImageSet
     from catdog_hpo.data.decode import decode_files
 
     pixels, reasons = decode_files([root / e.rel for e in entries], image_size, channels_first=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from catdog_hpo.data import ImageSet
+    from catdog_hpo.data.types import ImageSet
 
 
 @dataclass(frozen=True)
