@@ -93,6 +93,7 @@ def speed(source, cache: Path, sizes: list[int], finetune_epochs: int) -> list[s
 
     from catdog_hpo.data import load_images
     from catdog_hpo.engine import heads
+    from catdog_hpo.engine.extract import extract
     from catdog_hpo.engine.models import build_model
     from catdog_hpo.engine.train import fit
 
@@ -104,7 +105,7 @@ def speed(source, cache: Path, sizes: list[int], finetune_epochs: int) -> list[s
         cfg = base_cfg(size, 3)
         model = build_model(cfg.model, len(data.classes), size)
         start = time.perf_counter()
-        heads.extract(model, torch.cat([data.train_x, data.val_x]), cpu, None, 0)
+        extract(model, torch.cat([data.train_x, data.val_x]), cpu, None, 0)
         s = time.perf_counter() - start
         rows.append(f"| {size} px: features of {n} photos, 1 plain view | {s:.1f} s ({n / s:.0f} images/s) |")
         heads._MEMO.clear()

@@ -16,7 +16,8 @@ from catdog_hpo.config import AugmentConfig, BlockConfig, ModelConfig, OptimConf
 from catdog_hpo.data import ImageSet
 from catdog_hpo.engine.graphstep import ForeachSGD
 from catdog_hpo.engine.runtime import Runtime, for_device
-from catdog_hpo.engine.train import EpochStats, fit
+from catdog_hpo.engine.epochs import EpochStats
+from catdog_hpo.engine.train import fit
 
 CPU = torch.device("cpu")
 SIZE = 16

@@ -14,7 +14,8 @@ from catdog_hpo.data import ImageSet
 from catdog_hpo.engine import resume
 from catdog_hpo.engine.resume import CheckpointSpec, StateRejected, fingerprint, load_state
 from catdog_hpo.engine.runtime import Runtime
-from catdog_hpo.engine.train import EpochStats, FitResult, fit
+from catdog_hpo.engine.epochs import EpochStats, FitResult
+from catdog_hpo.engine.train import fit
 
 CPU = torch.device("cpu")
 SIZE = 16  # px

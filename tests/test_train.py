@@ -21,7 +21,9 @@ from catdog_hpo.ship.checkpoint import load_checkpoint, load_model, save_checkpo
 from catdog_hpo.engine.device import assign_gpus, parse_gpus, resolve_device
 from catdog_hpo.errors import ConfigError, UserError
 from catdog_hpo.engine.models import build_model
-from catdog_hpo.engine.train import OPTIMIZERS, SCHEDULERS, EpochStats, fit
+from catdog_hpo.engine.epochs import EpochStats
+from catdog_hpo.engine.optim import OPTIMIZERS, SCHEDULERS
+from catdog_hpo.engine.train import fit
 
 CPU = torch.device("cpu")
 SIZE = 16  # px

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from catdog_hpo.engine.train import EpochStats
+    from catdog_hpo.engine.epochs import EpochStats
 
 COLUMNS = ("epoch", "train loss", "val loss", "val acc", "seconds", "lr")
 _ROW = "{:>5}  {:>10}  {:>8}  {:>7}  {:>7}  {:>9}"

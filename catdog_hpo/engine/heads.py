@@ -30,10 +30,9 @@ import math
 import time
 import warnings
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,15 +40,14 @@ from torch import nn
 
 from catdog_hpo.config import TRANSFER_FAMILIES, TrialConfig, to_dict
 from catdog_hpo.data import ImageSet
-from catdog_hpo.engine.augment import augment_batch, normalize_batch
+from catdog_hpo.engine.epochs import EpochStats, FitResult, run_epochs
+from catdog_hpo.engine.extract import extract
+from catdog_hpo.engine.optim import OPTIMIZERS, SCHEDULERS, Schedule
 from catdog_hpo.engine.regularize import with_l1
 
 FEATURE_VERSION = 1  # bump when extraction changes: old feature files are then simply not found
 VIEW_SEED = 1234  # seed of the cached augmented views (fixed: the views are part of the cache)
 VIEW_KEYS = ("crop", "flip", "color_jitter", "strength")  # the AugmentConfig keys augment_batch reads
-# Images per backbone forward during extraction. On a 2-core CPU small batches stay in cache:
-# EfficientNet-Lite0 at 224 px, channels_last, ran 25 img/s at 64, 53 at 32, 125-158 at 4-8.
-EXTRACT_BATCH = {"cpu": 8, "cuda": 256}
 _MEMO_SIZE = 4  # feature sets kept in this process (one per image size / augmentation in use)
 _MEMO: OrderedDict[str, FeatureSet] = OrderedDict()
 
@@ -98,36 +96,6 @@ def feature_path(cache_dir: Path, cfg: TrialConfig, data: ImageSet) -> tuple[Pat
     blob = json.dumps({"image_size": data.image_size, **feature_key(cfg, data)}, sort_keys=True)
     fp = hashlib.sha256(blob.encode("utf-8")).hexdigest()
     return cache_dir / f"features-{cfg.model.family}-{data.image_size}px-{fp[:16]}.pt", fp
-
-
-@torch.inference_mode()
-def extract(model: nn.Module, images: torch.Tensor, device: torch.device, cfg: TrialConfig | None,
-            seed: int) -> torch.Tensor:
-    """Backbone features (N x F, float32, CPU) of uint8 ``images``: plain when ``cfg`` is None,
-    else augmented with cfg.augment from a generator seeded with ``seed``."""
-    model.eval()
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    batch = EXTRACT_BATCH.get(device.type, EXTRACT_BATCH["cpu"])
-    out = []
-    with nhwc(model):
-        for i in range(0, images.shape[0], batch):
-            x = images[i:i + batch].to(device)
-            x = normalize_batch(x) if cfg is None else augment_batch(x, cfg.augment, gen)
-            out.append(model.features(x.contiguous(memory_format=torch.channels_last)).float().cpu())
-    return torch.cat(out)
-
-
-@contextmanager
-def nhwc(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in NHWC (channels_last) layout for a batched inference pass, plain again after:
-    about 2x the NCHW rate of EfficientNet's depthwise convs on the CPU, cuDNN's fastest on CUDA.
-    The weights a trial saves stay NCHW."""
-    model.to(memory_format=torch.channels_last)
-    try:
-        yield model
-    finally:
-        model.to(memory_format=torch.contiguous_format)
 
 
 def _read(path: Path, fp: str, data: ImageSet) -> dict[str, Any] | None:
@@ -189,7 +157,7 @@ def load_features(cfg: TrialConfig, data: ImageSet, device: torch.device, cache_
 
 
 def fit_frozen(cfg: TrialConfig, data: ImageSet, device: torch.device, cache_dir: Path,
-               on_epoch_end: Callable[[Any], None] | None, progress: bool) -> Any:
+               on_epoch_end: Callable[[EpochStats], None] | None, progress: bool) -> FitResult:
     """``train.fit`` for a frozen backbone: the same FitResult (best_state holds the whole model:
     backbone weights unchanged, the best epoch's head), trained on cached features."""
     from catdog_hpo.engine.models import build_model
@@ -200,64 +168,83 @@ def fit_frozen(cfg: TrialConfig, data: ImageSet, device: torch.device, cache_dir
 
 
 def fit_head(cfg: TrialConfig, model: nn.Module, feats: FeatureSet, device: torch.device,
-             on_epoch_end: Callable[[Any], None] | None, progress: bool = False) -> Any:
+             on_epoch_end: Callable[[EpochStats], None] | None, progress: bool = False) -> FitResult:
     """Train ``model.fc`` on ``feats`` for cfg.train.epochs epochs; keep the best epoch. Seeded
     like fit (call it after torch.manual_seed, as fit does). ``progress`` is accepted for fit's
-    signature; there is no bar: an epoch takes milliseconds."""
-    from catdog_hpo.engine.train import OPTIMIZERS, SCHEDULERS, EpochStats, FitResult
-
+    signature; there is no bar: an epoch takes milliseconds. The epochs run in fit's own loop
+    (``engine.epochs.run_epochs``); only what an epoch trains differs."""
     t, o = cfg.train, cfg.optim
     head = model.fc.to(device)
     params = [p for p in head.parameters() if p.requires_grad]
-    train_f, train_y = feats.train.to(device), feats.train_y.to(device)
-    val_f, val_y = feats.val.to(device), feats.val_y.to(device)
-    views, n = train_f.shape[0], train_f.shape[1]
-    n_batches = max(1, n // t.batch_size)  # drop the last partial batch, as train.fit does
+    n_batches = max(1, feats.train.shape[1] // t.batch_size)  # drop the last partial batch, as train.fit does
     optimizer = OPTIMIZERS[o.name](params, o, device.type == "cuda")
-    schedule = SCHEDULERS[o.scheduler](optimizer, o, t.epochs, math.ceil(n_batches / t.accum_steps))
-    criterion = with_l1(nn.CrossEntropyLoss(label_smoothing=o.label_smoothing), params, o.l1)
     gen = torch.Generator(device=device)
     gen.manual_seed(t.seed)
-    history: list[EpochStats] = []
-    best_epoch, best_acc, best_head = 0, 0.0, None
-    for epoch in range(1, t.epochs + 1):
-        start = time.perf_counter()
-        lr = float(optimizer.param_groups[0]["lr"])
-        head.train()
-        perm = torch.randperm(n, device=device, generator=gen)
+    loop = _HeadLoop(
+        cfg=cfg, head=head, params=params, optimizer=optimizer,
+        schedule=SCHEDULERS[o.scheduler](optimizer, o, t.epochs, math.ceil(n_batches / t.accum_steps)),
+        criterion=with_l1(nn.CrossEntropyLoss(label_smoothing=o.label_smoothing), params, o.l1), gen=gen,
+        train_f=feats.train.to(device), train_y=feats.train_y.to(device),
+        val_f=feats.val.to(device), val_y=feats.val_y.to(device), n_batches=n_batches)
+    result = run_epochs(loop, t.epochs, on_epoch_end)
+    # the runner kept the head's weights (a copy of the backbone each best epoch would be wasted)
+    result.best_state = _whole(model, result.best_state)
+    return result
+
+
+@dataclass
+class _HeadLoop:
+    """fit_head's side of the epoch runner (engine.epochs.EpochLoop): the head on feature rows."""
+
+    cfg: TrialConfig
+    head: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    criterion: nn.Module
+    gen: torch.Generator  # on the device: shuffling and the view drawn per image
+    train_f: torch.Tensor  # float32, V x N x F
+    train_y: torch.Tensor
+    val_f: torch.Tensor  # float32, M x F
+    val_y: torch.Tensor
+    n_batches: int
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train_epoch(self) -> torch.Tensor:
+        t = self.cfg.train
+        views, n = self.train_f.shape[0], self.train_f.shape[1]
+        device = self.gen.device  # the training device, as fit_head was given it
+        self.head.train()
+        perm = torch.randperm(n, device=device, generator=self.gen)
         # one view per image per epoch (view 0 is the plain image)
-        view = torch.randint(views, (n,), device=device, generator=gen)
+        view = torch.randint(views, (n,), device=device, generator=self.gen)
         loss_sum = torch.zeros((), device=device)
-        for b in range(n_batches):
+        for b in range(self.n_batches):
             idx = perm[b * t.batch_size:(b + 1) * t.batch_size]
-            loss = criterion(head(train_f[view[idx], idx]), train_y[idx])
+            loss = self.criterion(self.head(self.train_f[view[idx], idx]), self.train_y[idx])
             (loss / t.accum_steps).backward()
             loss_sum += loss.detach()
-            if (b + 1) % t.accum_steps == 0 or b + 1 == n_batches:
+            if (b + 1) % t.accum_steps == 0 or b + 1 == self.n_batches:
                 if t.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(params, t.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                schedule.after_step()
-        head.eval()
-        with torch.no_grad():
-            logits = head(val_f)
-            val_loss_t = F.cross_entropy(logits, val_y)
-            val_acc_t = (logits.argmax(1) == val_y).float().mean()
-        train_loss, val_loss, val_acc = torch.stack([loss_sum / n_batches, val_loss_t, val_acc_t]).tolist()
-        if not math.isfinite(train_loss) or not math.isfinite(val_loss):
-            which = "training" if not math.isfinite(train_loss) else "validation"
-            return FitResult("non_finite", history, best_epoch, best_acc, _whole(model, best_head),
-                             reason=f"non-finite {which} loss at epoch {epoch}")
-        schedule.after_epoch(val_loss)
-        stats = EpochStats(epoch, train_loss, val_loss, val_acc, time.perf_counter() - start, lr)
-        history.append(stats)
-        if best_epoch == 0 or val_acc > best_acc:
-            best_epoch, best_acc = epoch, val_acc
-            best_head = {k: v.detach().to("cpu", copy=True) for k, v in head.state_dict().items()}
-        if on_epoch_end is not None:
-            on_epoch_end(stats)  # may raise (the study's TrialPruned): it propagates unchanged
-    return FitResult("completed", history, best_epoch, best_acc, _whole(model, best_head))
+                    nn.utils.clip_grad_norm_(self.params, t.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.schedule.after_step()
+        return loss_sum / self.n_batches
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.head.eval()
+        logits = self.head(self.val_f)
+        return F.cross_entropy(logits, self.val_y), (logits.argmax(1) == self.val_y).float().mean()
+
+    def after_epoch(self, val_loss: float) -> None:
+        self.schedule.after_epoch(val_loss)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.head.state_dict().items()}
 
 
 def _whole(model: nn.Module, head_state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:

@@ -5,14 +5,16 @@ The hot loop: the decoded uint8 images live on the training device; every epoch 
 the device, and per batch forward, loss, backward, step (on CUDA one replay of a captured
 graph: ``engine.graphstep``). Validation is normalised once per trial and runs in fp32. Losses and the correct count accumulate in device tensors and are read ONCE per
 epoch; that read is where ``on_epoch_end`` runs (the study reports and prunes there).
+
+What happens around an epoch (history, best epoch, that one sync, a non-finite loss) is
+``engine.epochs.run_epochs``, shared with the head-only path (``engine.heads``); the optimizer
+and scheduler registries are ``engine.optim``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catdog_hpo import config
-from catdog_hpo.config import OptimConfig, TrialConfig, check_optim
+from catdog_hpo.config import TrialConfig, check_optim
 from catdog_hpo.data import ImageSet
 from catdog_hpo.engine import heads, resume
 from catdog_hpo.engine.augment import augment_batch, normalize_batch
 from catdog_hpo.engine.ema import WeightEMA, averaged
+from catdog_hpo.engine.epochs import EpochStats, FitResult, Progress, run_epochs
+from catdog_hpo.engine.optim import OPTIMIZERS, SCHEDULERS, Schedule
 from catdog_hpo.engine.regularize import with_l1
 from catdog_hpo.engine.tta import tta_forward
 from catdog_hpo.engine.graphstep import GRAPH_OPTIMIZERS, StaticStep, graph_optimizer
@@ -35,116 +38,6 @@ from catdog_hpo.engine.mix import mix_batch
 from catdog_hpo.engine.runtime import VAL_RESIDENT_VALUES, Runtime, apply_backends, for_device, val_batch_size
 from catdog_hpo.errors import ConfigError, UserError
 from catdog_hpo.engine.models import build_model
-
-PLATEAU_PATIENCE = 2  # epochs without a val-loss improvement before ReduceLROnPlateau cuts the lr
-
-
-@dataclass(frozen=True)
-class EpochStats:
-    epoch: int  # 1-based
-    train_loss: float  # mean training criterion over the epoch (label smoothing included)
-    val_loss: float  # mean plain cross-entropy on the validation set (no label smoothing)
-    val_acc: float  # 0..1
-    seconds: float  # wall time of the epoch: training + validation
-    lr: float  # learning rate at the start of the epoch (first param group)
-
-    def to_dict(self) -> dict[str, float | int]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class FitResult:
-    status: str  # "completed" | "non_finite"
-    history: list[EpochStats]  # finished epochs; a non-finite epoch is not in it
-    best_epoch: int  # 1-based epoch with the highest val accuracy; 0 if none finished
-    best_val_acc: float
-    best_state: dict[str, torch.Tensor] | None  # CPU copy of the best epoch's weights (the EMA ones with train.ema)
-    reason: str = ""  # why the run stopped early, e.g. "non-finite training loss at epoch 3"
-
-
-# --------------------------------------------------------------------------- optimizers
-
-
-def _sgd(params: list[nn.Parameter], o: OptimConfig, fused: bool) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                           weight_decay=o.weight_decay, fused=fused or None)
-
-
-def _adam(params: list[nn.Parameter], o: OptimConfig, fused: bool) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused or None)
-
-
-def _adamw(params: list[nn.Parameter], o: OptimConfig, fused: bool) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused or None)
-
-
-def _rmsprop(params: list[nn.Parameter], o: OptimConfig, fused: bool) -> torch.optim.Optimizer:
-    return torch.optim.RMSprop(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-
-
-# fused (Runtime.fused, the CUDA default): one kernel per step for all parameters.
-OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], OptimConfig, bool], torch.optim.Optimizer]] = {
-    "sgd": _sgd,
-    "adam": _adam,
-    "adamw": _adamw,
-    "rmsprop": _rmsprop,
-}
-config.check_registry("optimizers", OPTIMIZERS, config.OPTIMIZERS)
-
-
-# --------------------------------------------------------------------------- schedulers
-
-
-@dataclass
-class Schedule:
-    scheduler: Any  # a torch lr scheduler, or None
-    every: str  # "step": after each optimizer step; "epoch": after each epoch; "val": each epoch, given the val loss
-
-    def after_step(self) -> None:
-        if self.every == "step":
-            self.scheduler.step()
-
-    def after_epoch(self, val_loss: float) -> None:
-        if self.every == "epoch" and self.scheduler is not None:
-            self.scheduler.step()
-        elif self.every == "val":
-            self.scheduler.step(val_loss)
-
-
-def _no_schedule(opt: torch.optim.Optimizer, o: OptimConfig, epochs: int, steps: int) -> Schedule:
-    return Schedule(None, "epoch")
-
-
-def _step_schedule(opt: torch.optim.Optimizer, o: OptimConfig, epochs: int, steps: int) -> Schedule:
-    return Schedule(torch.optim.lr_scheduler.StepLR(opt, step_size=o.step_size, gamma=o.gamma), "epoch")
-
-
-def _cosine_schedule(opt: torch.optim.Optimizer, o: OptimConfig, epochs: int, steps: int) -> Schedule:
-    # stepped per optimizer step: a smooth curve from lr to 0 over the whole run
-    return Schedule(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps), "step")
-
-
-def _onecycle_schedule(opt: torch.optim.Optimizer, o: OptimConfig, epochs: int, steps: int) -> Schedule:
-    # lr peaks at optim.lr; momentum is left as configured (no momentum cycling)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=epochs * steps,
-                                                cycle_momentum=False)
-    return Schedule(sched, "step")
-
-
-def _plateau_schedule(opt: torch.optim.Optimizer, o: OptimConfig, epochs: int, steps: int) -> Schedule:
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=o.gamma,
-                                                       patience=PLATEAU_PATIENCE)
-    return Schedule(sched, "val")
-
-
-SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer, OptimConfig, int, int], Schedule]] = {
-    "none": _no_schedule,
-    "step": _step_schedule,
-    "cosine": _cosine_schedule,
-    "onecycle": _onecycle_schedule,
-    "plateau": _plateau_schedule,
-}
-config.check_registry("schedulers", SCHEDULERS, config.SCHEDULERS)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -264,6 +157,9 @@ class _Loop:
         if self.shadow is not None:
             self._set_lr()
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return _cpu_copy(self.ema or self.model)  # what validation scored: the average with train.ema
+
     @torch.no_grad()
     def evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean plain cross-entropy, accuracy) on the validation set, as device scalars.
@@ -382,48 +278,37 @@ def _run(cfg: TrialConfig, data: ImageSet, device: torch.device,
         model = build_model(cfg.model, len(data.classes), data.image_size)
     loop = _make_loop(cfg, data, device, model, runtime or for_device(device, cfg.train))
     epochs = cfg.train.epochs
-    history: list[EpochStats] = []
-    best_epoch, best_acc, best_state = 0, 0.0, None
+    start = Progress()
     if ck.resume is not None:  # go on after the saved epoch: weights, optimizer, schedule, random streams
         resume.restore(loop, ck.resume)
-        history = [EpochStats(**h) for h in ck.resume.history]
-        best_epoch, best_acc, best_state = ck.resume.best_epoch, ck.resume.best_acc, ck.resume.best_state
-    saving, newest = True, ck.resume.source if ck.resume is not None else None  # saving: until a write fails
+        start = Progress([EpochStats(**h) for h in ck.resume.history], ck.resume.best_epoch,
+                         ck.resume.best_acc, ck.resume.best_state)
     loop.bar = _progress_bar(progress, epochs * loop.n_batches)
     if loop.bar is not None:
-        loop.bar.update(len(history) * loop.n_batches)
+        loop.bar.update(len(start.history) * loop.n_batches)
     try:
-        for epoch in range(len(history) + 1, epochs + 1):
-            if loop.bar is not None:
-                loop.bar.set_description(f"epoch {epoch}/{epochs}")
-            start = time.perf_counter()
-            lr = loop.lr()  # a Python float: no sync
-            train_loss_t = loop.train_epoch()
-            val_loss_t, val_acc_t = loop.evaluate()
-            # The one device->host sync of the epoch: read its losses and accuracy together.
-            train_loss, val_loss, val_acc = torch.stack([train_loss_t, val_loss_t, val_acc_t]).tolist()
-            if not math.isfinite(train_loss) or not math.isfinite(val_loss):
-                which = "training" if not math.isfinite(train_loss) else "validation"
-                return FitResult("non_finite", history, best_epoch, best_acc, best_state,
-                                 reason=f"non-finite {which} loss at epoch {epoch}")
-            loop.after_epoch(val_loss)
-            stats = EpochStats(epoch, train_loss, val_loss, val_acc, time.perf_counter() - start, lr)
-            history.append(stats)
-            if best_epoch == 0 or val_acc > best_acc:
-                best_epoch, best_acc, best_state = epoch, val_acc, _cpu_copy(loop.ema or loop.model)  # what val scored
-            if loop.bar is not None:
-                loop.bar.set_postfix(val_acc=f"{val_acc:.3f}", refresh=False)
-            if on_epoch_end is not None:
-                on_epoch_end(stats)  # may raise (the study's TrialPruned): it propagates unchanged
-            if saving and ck.due(epoch, epochs):  # after the report: a pruned epoch is not saved
-                newest = resume.save(ck, loop, epoch, history, (best_epoch, best_acc, best_state), newest)
-                saving = newest is not None
+        result = run_epochs(loop, epochs, on_epoch_end, start, _saver(ck, loop, epochs), loop.bar)
     finally:
         if loop.bar is not None:
             loop.bar.close()
-    if loop.ema is not None:  # the model a caller goes on with (retrain on train+val) is the one validated
-        loop.ema.copy_to_model()
-    return FitResult("completed", history, best_epoch, best_acc, best_state)
+    if result.status == "completed" and loop.ema is not None:
+        loop.ema.copy_to_model()  # the model a caller goes on with (retrain on train+val) is the one validated
+    return result
+
+
+def _saver(ck: resume.CheckpointSpec, loop: _Loop, epochs: int) -> Callable[[int, Progress], None]:
+    """What runs after each epoch's report: the checkpoint, when ``ck`` says one is due (after
+    the report, so a pruned epoch is not saved). A failed write stops the saving, not the fit."""
+    newest = ck.resume.source if ck.resume is not None else None  # the next save goes to its twin
+    saving = True
+
+    def after_report(epoch: int, p: Progress) -> None:
+        nonlocal newest, saving
+        if saving and ck.due(epoch, epochs):
+            newest = resume.save(ck, loop, epoch, p.history, (p.best_epoch, p.best_acc, p.best_state), newest)
+            saving = newest is not None
+
+    return after_report
 
 
 def fit(

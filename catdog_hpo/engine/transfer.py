@@ -261,9 +261,9 @@ IMAGENET_CLASSES = {"dog": range(151, 269), "cat": range(281, 286)}
 @torch.inference_mode()
 def imagenet_top1(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Top-1 ImageNet class of each uint8 N x 3 x H x W image (model from ``imagenet_lite0``), on
-    the CPU in the feature extraction's fastest form (engine/heads.py: EXTRACT_BATCH, nhwc)."""
+    the CPU in the feature extraction's fastest form (engine/extract.py: EXTRACT_BATCH, nhwc)."""
     from catdog_hpo.engine.augment import normalize_batch
-    from catdog_hpo.engine.heads import EXTRACT_BATCH, nhwc
+    from catdog_hpo.engine.extract import EXTRACT_BATCH, nhwc
 
     batch = EXTRACT_BATCH["cpu"]
     with nhwc(model.eval()):

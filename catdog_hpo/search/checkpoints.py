@@ -44,7 +44,7 @@ from catdog_hpo.search import optuna_compat
 from catdog_hpo.search.record import TrialKey, finished_complete
 
 if TYPE_CHECKING:
-    from catdog_hpo.engine.train import FitResult
+    from catdog_hpo.engine.epochs import FitResult
 
 STALE_TMP_S = 3600  # seconds: a temp file this old is a write a killed worker never finished
 _UNFINISHED = (TrialState.RUNNING, TrialState.WAITING)
@@ -255,6 +255,6 @@ def remove_study_folder(storage: str, study: str, studies_dir: Path) -> int:
 
 def replay(history: tuple[dict[str, Any], ...]) -> list[Any]:
     """The resumed epochs as EpochStats, to report to the pruner as they were."""
-    from catdog_hpo.engine.train import EpochStats
+    from catdog_hpo.engine.epochs import EpochStats
 
     return [EpochStats(**h) for h in history]
