@@ -15,6 +15,13 @@ class ConfigError(UserError):
     """A config that cannot work (unknown key, bad value, a model that cannot fit the image)."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when it has none: what a one-line
+    error shows of an exception from a library (an exporter, a file reader)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def format_warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                         line: str | None = None) -> str:
     """``warnings.formatwarning`` for the CLI: ``warning: <message>``, one line.

@@ -16,8 +16,8 @@ from catdog_hpo.cli import main
 from catdog_hpo.config import BlockConfig, ModelConfig, StageConfig, TrialConfig
 from catdog_hpo.data import DataSource, load_images
 from catdog_hpo.engine.augment import normalize, normalize_batch
-from catdog_hpo.ship.formats import (META_KEY, ModelMeta, check_onnx, export_all, load_torchscript,
-                                onnx_session)
+from catdog_hpo.ship.formats import check_onnx, export_all, load_torchscript, onnx_session
+from catdog_hpo.ship.model_meta import META_KEY, ModelMeta
 from catdog_hpo.engine.models import build_model
 from catdog_hpo.ship.predict import format_table, load_predictor, predict
 

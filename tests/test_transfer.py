@@ -393,7 +393,8 @@ def test_transfer_model_retrains_exports_and_predicts(shipped: dict) -> None:
 
 def test_resnet18_transfer_model_exports(resnet_file: Path, tmp_path: Path) -> None:
     from catdog_hpo.engine.augment import MEAN, STD
-    from catdog_hpo.ship.formats import ModelMeta, export_all
+    from catdog_hpo.ship.formats import export_all
+    from catdog_hpo.ship.model_meta import ModelMeta
 
     cfg = ModelConfig(family="resnet18", weights_file=str(resnet_file), freeze_backbone=True, unfreeze_stages=1,
                       backbone_bn="eval", fc_hidden=8)

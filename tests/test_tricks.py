@@ -25,7 +25,8 @@ from catdog_hpo.engine.runtime import Runtime
 from catdog_hpo.engine.train import fit
 from catdog_hpo.engine.tta import FlipAverage, with_tta
 from catdog_hpo.errors import ConfigError, UserError
-from catdog_hpo.ship.formats import ModelMeta, export_all, load_torchscript, onnx_session
+from catdog_hpo.ship.formats import export_all, load_torchscript, onnx_session
+from catdog_hpo.ship.model_meta import ModelMeta
 from catdog_hpo.ship.predict import evaluate, load_predictor, predict
 from catdog_hpo.ship.pt2 import load_pt2
 from catdog_hpo.ship.trialfile import replay_config

@@ -15,8 +15,6 @@ exception: the caller's checkpoint is already safe on disk.
 
 from __future__ import annotations
 
-import copy
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,64 +23,17 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from catdog_hpo import __version__
-from catdog_hpo.ship.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT_VERSION
-from catdog_hpo.errors import UserError
+from catdog_hpo.errors import UserError, first_line
 from catdog_hpo.files import atomic_write
+# What every file carries and is traced from lives in ship/model_meta.py, below this module and
+# ship/pt2.py alike; imported here too, as the formats' own vocabulary.
+from catdog_hpo.ship.model_meta import META_KEY, TS_META_FILE, ModelMeta, cpu_copy
 
-META_KEY = "catdog_hpo"  # ONNX metadata_props key / TorchScript extra file stem
-TS_META_FILE = f"{META_KEY}.json"
-MODEL_FORMAT = "catdog-hpo-model"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # Largest |logit difference| an export may show against PyTorch on the check batch. float32
 # kernels differ in summation order, which moves logits by ~1e-6..1e-5; a wrong graph moves them by >0.1.
 PARITY_TOLERANCE = 1e-3
 ONNX_OPSET = 18  # the dynamo exporter's default; onnxruntime >= 1.14 runs it
-
-
-@dataclass(frozen=True)
-class ModelMeta:
-    """How to feed the exported network: everything ``predict`` needs besides the weights."""
-
-    classes: tuple[str, ...]
-    image_size: int  # px, square
-    mean: tuple[float, ...]  # per channel, [0, 1] scale
-    std: tuple[float, ...]
-    tta: bool = False  # the model averages the logits of each image and its mirror (augment.tta; engine/tta.py)
-
-    def to_json(self) -> str:
-        return json.dumps({
-            "format": MODEL_FORMAT,
-            "format_version": CHECKPOINT_FORMAT_VERSION,
-            "classes": list(self.classes),
-            "image_size": self.image_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "input": f"float32 N x 3 x {self.image_size} x {self.image_size}, RGB, (x/255 - mean)/std",
-            "output": f"float32 N x {len(self.classes)} logits, in the order of classes"
-                      + (", averaged over each image and its horizontal mirror" if self.tta else ""),
-            "tta": self.tta,
-            "catdog_hpo_version": __version__,
-        })
-
-    @classmethod
-    def from_json(cls, text: str, where: str) -> ModelMeta:
-        """Parse the metadata; another format or version, or a damaged document -> UserError."""
-        try:
-            data = json.loads(text)
-        except ValueError:
-            raise UserError(f"{where}: its {META_KEY!r} metadata is not valid JSON") from None
-        if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
-            raise UserError(f"{where}: not a catdog-hpo model (no {MODEL_FORMAT!r} metadata)")
-        if data.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-            raise UserError(f"{where}: model format_version {data.get('format_version')!r}; "
-                            f"this catdog-hpo reads version {CHECKPOINT_FORMAT_VERSION}")
-        try:
-            return cls(classes=tuple(str(c) for c in data["classes"]), image_size=int(data["image_size"]),
-                       mean=tuple(float(v) for v in data["mean"]), std=tuple(float(v) for v in data["std"]),
-                       tta=bool(data.get("tta", False)))  # absent in files from before augment.tta
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{where}: damaged catdog-hpo metadata ({type(exc).__name__}: {exc})") from None
 
 
 @dataclass(frozen=True)
@@ -104,12 +55,6 @@ class ExportResult:
     def to_dict(self) -> dict[str, Any]:
         return {"file": str(self.path) if self.ok else None, "ok": self.ok,
                 "max_abs_diff": self.max_abs_diff, "error": self.error or None, "note": self.note or None}
-
-
-def cpu_copy(model: nn.Module) -> nn.Module:
-    """A float32, contiguous-layout, eval-mode copy on the CPU: what the exports are traced from."""
-    m = copy.deepcopy(model).to("cpu", dtype=torch.float32)
-    return m.to(memory_format=torch.contiguous_format).eval()
 
 
 # --------------------------------------------------------------------------- TorchScript
@@ -135,10 +80,10 @@ def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, ModelMeta]:
         try:
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except Exception as exc:  # a zip/pickle/format error of any kind: not a TorchScript file
-            raise UserError(f"{path}: not a TorchScript model ({_first_line(exc)[:200]})") from None
+            raise UserError(f"{path}: not a TorchScript model ({first_line(exc)[:200]})") from None
     if not extra[TS_META_FILE]:
         raise UserError(f"{path}: a TorchScript model without catdog-hpo metadata ({TS_META_FILE})")
-    return module.eval(), ModelMeta.from_json(_text(extra[TS_META_FILE]), str(path))
+    return module.eval(), ModelMeta.from_json(extra[TS_META_FILE], str(path))
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -184,7 +129,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: Model
             atomic_write(path, lambda tmp: write(tmp, legacy), keep_suffix=True)
         except Exception:
             raise first from None
-        return f"legacy exporter (torch.export-based one failed: {_first_line(first)[:120]})"
+        return f"legacy exporter (torch.export-based one failed: {first_line(first)[:120]})"
 
 
 def onnx_session(path: Path) -> tuple[Any, ModelMeta]:
@@ -197,7 +142,7 @@ def onnx_session(path: Path) -> tuple[Any, ModelMeta]:
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
-        raise UserError(f"{path}: not an ONNX model onnxruntime can load ({_first_line(exc)[:200]})") from None
+        raise UserError(f"{path}: not an ONNX model onnxruntime can load ({first_line(exc)[:200]})") from None
     props = session.get_modelmeta().custom_metadata_map
     if META_KEY not in props:
         raise UserError(f"{path}: an ONNX model without catdog-hpo metadata ({META_KEY!r} in metadata_props)")
@@ -235,12 +180,12 @@ def _export_one(fmt: str, path: Path, export: Callable[[], str | None],
         return ExportResult(fmt, path, False, None, f"{exc.name or exc} is not installed "
                             "(a dependency of catdog-hpo: reinstall it, pip install -e .)")
     except Exception as exc:  # any exporter failure is reported, never fatal
-        return ExportResult(fmt, path, False, None, f"export failed: {type(exc).__name__}: {_first_line(exc)[:300]}")
+        return ExportResult(fmt, path, False, None, f"export failed: {type(exc).__name__}: {first_line(exc)[:300]}")
     try:
         diff = check()
     except Exception as exc:
         return ExportResult(fmt, path, False, None, f"written to {path} but the check could not run it: "
-                            f"{type(exc).__name__}: {_first_line(exc)[:300]}", note)
+                            f"{type(exc).__name__}: {first_line(exc)[:300]}", note)
     if not diff <= tolerance:  # NaN counts as a failure too
         return ExportResult(fmt, path, False, diff, f"{path}: logits differ from PyTorch by up to {diff:.3g} "
                             f"(> {tolerance:g}); do not ship this file", note)
@@ -274,12 +219,3 @@ def export_all(model: nn.Module, batch: torch.Tensor, out_dir: Path, meta: Model
         else:
             raise AssertionError(f"unknown export format {fmt!r}")
     return results
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

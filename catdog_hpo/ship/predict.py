@@ -34,7 +34,7 @@ import torch
 from catdog_hpo.data.decode import IMAGE_EXTENSIONS, decode_files
 from catdog_hpo.engine.augment import normalize  # the one normalisation, training's own
 from catdog_hpo.errors import UserError
-from catdog_hpo.ship.formats import ModelMeta
+from catdog_hpo.ship.model_meta import ModelMeta
 
 MODEL_SUFFIXES = {".pt": "checkpoint", ".pth": "checkpoint", ".onnx": "onnx", ".ts": "torchscript",
                   ".pt2": "pt2"}

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from catdog_hpo.errors import UserError
+from catdog_hpo.errors import UserError, first_line
 from catdog_hpo.files import atomic_write
-from catdog_hpo.ship.formats import TS_META_FILE, ModelMeta, _first_line, _text, cpu_copy
+from catdog_hpo.ship.model_meta import TS_META_FILE, ModelMeta, cpu_copy
 
 META_FILE = TS_META_FILE  # the same name and document as in the TorchScript file
 
@@ -39,10 +39,10 @@ def load_pt2(path: Path) -> tuple[nn.Module, ModelMeta]:
     try:
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as exc:  # a zip/format/version error of any kind: not a program we can run
-        raise UserError(f"{path}: not a torch.export program ({_first_line(exc)[:200]})") from None
+        raise UserError(f"{path}: not a torch.export program ({first_line(exc)[:200]})") from None
     if not extra[META_FILE]:
         raise UserError(f"{path}: a torch.export program without catdog-hpo metadata ({META_FILE})")
-    return program.module(), ModelMeta.from_json(_text(extra[META_FILE]), str(path))
+    return program.module(), ModelMeta.from_json(extra[META_FILE], str(path))
 
 
 def check_pt2(path: Path, model: nn.Module, batch: torch.Tensor) -> float:
