@@ -19,7 +19,8 @@ from PIL import Image
 from catdog_hpo.cli import main
 from catdog_hpo.config import FORMAT_VERSION, TrialConfig, from_dict, load_trial_config, read_mapping
 from catdog_hpo.errors import UserError
-from catdog_hpo.ship.trialfile import ExportSettings, export_trial, first_difference, pick_trial, replay_config
+from catdog_hpo.ship.config_diff import first_difference
+from catdog_hpo.ship.trialfile import ExportSettings, export_trial, pick_trial, replay_config
 from study_factory import make_study
 
 TINY_SPACE = """\

@@ -32,7 +32,6 @@ LONG_MODULES = {
 # "catdog_hpo."): a circle within those modules passes. Delete the entry when its circle is gone.
 KNOWN_CIRCLES: dict[str, tuple[str, ...]] = {
     "search": ("search.budget", "search.progress", "search.study", "search.worker"),  # issue 24 item 2, in progress
-    "ship.retrain": ("ship.retrain", "ship.retrain_report", "ship.searched", "ship.trialfile"),
 }
 # Optuna's private API: only search/optuna_compat.py may use it (pinned in pyproject).
 PRIVATE_OPTUNA = re.compile(r"optuna\.[\w.]*\._\w|from optuna[\w.]*\._\w+ import|\._study_id\b|\._trial_id\b")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from catdog_hpo import __version__
-from catdog_hpo.config import TrialConfig, from_dict, to_dict
+from catdog_hpo.config import ModelConfig, TrialConfig, from_dict, to_dict
 from catdog_hpo.engine.augment import MEAN, STD
 from catdog_hpo.errors import ConfigError, UserError
 from catdog_hpo.files import atomic_write
@@ -99,11 +99,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
 def load_model(path: Path, device: torch.device) -> tuple[nn.Module, Checkpoint]:
     """The checkpoint's model with its weights, on ``device``, in eval mode."""
     ck = load_checkpoint(path)
-    # The checkpoint has every weight: build the bare architecture (no ImageNet download, no
-    # weights file, nothing frozen) and load into it.
-    arch = dataclasses.replace(ck.config.model, pretrained=False, weights_file="", freeze_backbone=False)
-    try:
-        model = build_model(arch, len(ck.classes), ck.image_size)
+    try:  # the checkpoint has every weight: the bare architecture takes them
+        model = bare_model(ck.config.model, len(ck.classes), ck.image_size)
     except ConfigError as exc:
         raise UserError(f"{path}: {exc}") from None
     try:
@@ -112,3 +109,10 @@ def load_model(path: Path, device: torch.device) -> tuple[nn.Module, Checkpoint]
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"{path}: weights do not fit the model in its config ({first})") from None
     return model.to(device).eval(), ck
+
+
+def bare_model(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Module:
+    """The architecture only (no ImageNet download, no weights file, nothing frozen): for weights
+    that come next, from a checkpoint, a retrained seed or the search's own file."""
+    arch = dataclasses.replace(cfg, pretrained=False, weights_file="", freeze_backbone=False)
+    return build_model(arch, num_classes, image_size)

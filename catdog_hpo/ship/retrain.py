@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,11 +33,14 @@ from catdog_hpo.data import DataSource, ImageSet, load_images
 from catdog_hpo.data.testset import load_test_set
 from catdog_hpo.engine.tta import with_tta
 from catdog_hpo.errors import UserError
-from catdog_hpo.ship.formats import ExportResult, ModelMeta, export_all
+from catdog_hpo.ship.checkpoint import bare_model
+from catdog_hpo.ship.formats import ExportResult, export_all
+from catdog_hpo.ship.model_meta import ModelMeta
 from catdog_hpo.ship.predict import evaluate
 from catdog_hpo.ship import searched
-from catdog_hpo.ship.retrain_report import (checkpoint_metrics, metrics_document, plural, retrain_command, seed_line,
+from catdog_hpo.ship.retrain_report import (checkpoint_metrics, metrics_document, plural, retrain_command,
                                             summary_lines)
+from catdog_hpo.ship.seed_run import SeedRun, seed_line
 from catdog_hpo.ship.choices import TRAIN_ON  # the --train-on choices
 from catdog_hpo.ship.trialfile import ExportInfo, read_export_info
 
@@ -64,33 +67,6 @@ class RetrainSettings:
     no_train: bool = False  # --no-train: ship the export file's searched weights (ship.searched)
 
 
-@dataclass
-class SeedRun:
-    seed: int
-    status: str  # fit's: "completed" | "non_finite"
-    reason: str
-    history: list[dict[str, float]]
-    kept_epoch: int  # 1-based epoch whose weights are kept; 0: none
-    state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    val: dict[str, Any] | None = None  # classification_report of the kept weights
-    test: dict[str, Any] | None = None
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.state is not None
-
-    def summary(self) -> dict[str, Any]:
-        final = self.history[-1]["val_acc"] if self.history else None
-        best = max((h["val_acc"] for h in self.history), default=None)
-        return {"seed": self.seed, "status": self.status, "reason": self.reason or None,
-                "epochs_run": len(self.history), "kept_epoch": self.kept_epoch,
-                "final_val_acc": final, "best_val_acc": best,
-                "val_acc": self.val["accuracy"] if self.val else None,
-                "test_acc": self.test["accuracy"] if self.test else None,
-                "seconds": round(self.seconds, 2)}
-
-
 @dataclass(frozen=True)
 class RetrainResult:
     out: Path
@@ -113,14 +89,6 @@ def _with_train_on(data: ImageSet, train_on: str) -> ImageSet:
 # --------------------------------------------------------------------------- one seed
 
 
-def bare_model(cfg: TrialConfig, num_classes: int) -> nn.Module:
-    """The architecture only (no download, no weights file, nothing frozen): weights come next."""
-    from catdog_hpo.engine.models import build_model
-
-    arch = dataclasses.replace(cfg.model, pretrained=False, weights_file="", freeze_backbone=False)
-    return build_model(arch, num_classes, cfg.image_size)
-
-
 def _meta(cfg: TrialConfig, classes: tuple[str, ...]) -> ModelMeta:
     from catdog_hpo.engine.augment import MEAN, STD
 
@@ -133,7 +101,8 @@ def train_seed(cfg: TrialConfig, data: ImageSet, device: torch.device, train_on:
     """One fit; keeps the best epoch (train) or the final one (train+val). ``feature_cache``: as
     the study, a frozen-backbone config trains its head on cached features (train only)."""
     from catdog_hpo.engine import epoch_table
-    from catdog_hpo.engine.train import EpochStats, fit
+    from catdog_hpo.engine.epochs import EpochStats
+    from catdog_hpo.engine.train import fit
 
     def row(s: EpochStats) -> None:
         log(epoch_table.row(s))
@@ -191,7 +160,7 @@ def _train_seeds(settings: RetrainSettings, cfg: TrialConfig, data: ImageSet, te
         run = train_seed(seed_cfg, train_data, device, settings.train_on, log, settings.progress,
                          feature_cache=settings.studies_dir / "cache")
         if run.ok:
-            model = bare_model(seed_cfg, len(data.classes))
+            model = bare_model(seed_cfg.model, len(data.classes), seed_cfg.image_size)
             model.load_state_dict(run.state)
             model = with_tta(model, cfg.augment.tta)  # scored as validation scored it
             run.val = evaluate(model, train_data.val_x, train_data.val_y, meta, device)  # the device copy
@@ -316,7 +285,7 @@ def _model_card(settings: RetrainSettings, out: Path, kept: SeedRun, cfg: TrialC
     search = doc.get("search") if isinstance(doc.get("search"), dict) else {}
     # Timed where the study timed its trials (the CPU unless it chose --latency-device cuda).
     where = torch.device("cuda" if search.get("latency_device") == "cuda" and torch.cuda.is_available() else "cpu")
-    model = bare_model(cfg, len(classes))
+    model = bare_model(cfg.model, len(classes), cfg.image_size)
     model.load_state_dict(kept.state)
     model = with_tta(model, cfg.augment.tta)  # the shipped files' cost: two forwards with flip averaging
     metrics["latency"] = measure_model(model, cfg.image_size, where).to_dict()

@@ -19,18 +19,8 @@ from catdog_hpo.ship.trialfile import ExportInfo, package_versions
 if TYPE_CHECKING:
     import torch
 
-    from catdog_hpo.ship.retrain import RetrainSettings, SeedRun
-
-
-def seed_line(run: SeedRun, train_on: str) -> str:
-    if not run.ok:
-        return f"seed {run.seed}: no model ({run.reason or run.status})"
-    which = f"kept epoch {run.kept_epoch} of {len(run.history)}, " + ("the best by val acc" if train_on == "train" else "the final one")
-    text = f"seed {run.seed}: val acc {run.val['accuracy']:.4f}{'' if train_on == 'train' else ' (not held out)'}"
-    if run.test is not None:
-        text += f", test acc {run.test['accuracy']:.4f}"
-    stopped = f"; stopped early: {run.reason}" if run.status != "completed" else ""
-    return f"{text} ({which}){stopped}"
+    from catdog_hpo.ship.retrain import RetrainSettings
+    from catdog_hpo.ship.seed_run import SeedRun
 
 
 def _acc_summary(values: list[float]) -> dict[str, Any]:

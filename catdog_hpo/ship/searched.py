@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-    from catdog_hpo.ship.retrain import RetrainSettings, SeedRun
+    from catdog_hpo.ship.retrain import RetrainSettings
+    from catdog_hpo.ship.seed_run import SeedRun
     from catdog_hpo.ship.trialfile import ExportSettings
 
 WEIGHTS_SUFFIX = ".weights.pt"
@@ -47,7 +48,7 @@ def export_weights(settings: ExportSettings, study: optuna.Study, trial: FrozenT
     ``weights`` entry. UserError (one line) when run did not keep them or they do not match."""
     from catdog_hpo.search.checkpoints import study_folder
     from catdog_hpo.search.record import TrialRecord
-    from catdog_hpo.ship.trialfile import first_difference, normalised_config
+    from catdog_hpo.ship.config_diff import first_difference, normalised_config
 
     name = TrialRecord.from_trial(trial).weights_file
     folder, _ = study_folder(settings.storage, study.study_name, settings.studies_dir, settings.checkpoint_dir)
@@ -105,11 +106,11 @@ def searched_run(settings: RetrainSettings, cfg: TrialConfig, data: ImageSet, te
     """retrain's one "seed" under --no-train: the trial's weights, evaluated on val (and test)."""
     from catdog_hpo.engine.augment import MEAN, STD
     from catdog_hpo.engine.tta import with_tta
-    from catdog_hpo.ship.formats import ModelMeta
+    from catdog_hpo.ship.checkpoint import bare_model
+    from catdog_hpo.ship.config_diff import normalised_config
+    from catdog_hpo.ship.model_meta import ModelMeta
     from catdog_hpo.ship.predict import evaluate
-    from catdog_hpo.ship.retrain import SeedRun, bare_model
-    from catdog_hpo.ship.retrain_report import seed_line
-    from catdog_hpo.ship.trialfile import normalised_config
+    from catdog_hpo.ship.seed_run import SeedRun, seed_line
 
     entry, path = searched_weights(settings.config)
     try:
@@ -125,7 +126,7 @@ def searched_run(settings: RetrainSettings, cfg: TrialConfig, data: ImageSet, te
     history = (doc.get("metrics") or {}).get("history") or []
     run = SeedRun(seed=cfg.train.seed, status="completed", reason="", history=list(history),
                   kept_epoch=int(weights["epoch"]), state=weights["state_dict"])
-    model = bare_model(cfg, len(data.classes))
+    model = bare_model(cfg.model, len(data.classes), cfg.image_size)
     model.load_state_dict(run.state)
     model = with_tta(model, cfg.augment.tta)  # scored as the trial's validation scored it
     meta = ModelMeta(classes=tuple(data.classes), image_size=cfg.image_size, mean=tuple(MEAN), std=tuple(STD))

@@ -23,13 +23,14 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from catdog_hpo.config import FORMAT_VERSION, TrialConfig, from_dict, read_mapping, to_dict, write_mapping
+from catdog_hpo.config import FORMAT_VERSION, TrialConfig, read_mapping, to_dict, write_mapping
 from catdog_hpo.data import DataSource
 from catdog_hpo.errors import ConfigError, UserError
 from catdog_hpo.search import optuna_compat
 from catdog_hpo.search.record import StudyInfo, StudyKey, TrialKey, TrialRecord, finished_complete, outcome
 from catdog_hpo.search.space_files import base_image_size, load_space
 from catdog_hpo.search.spaces import resolve
+from catdog_hpo.ship.config_diff import first_difference, normalised_config
 
 EXPORT_KIND = "catdog-hpo-export"
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -136,40 +137,6 @@ def replay_config(study: optuna.Study, trial: FrozenTrial) -> TrialConfig:
                         f"{key} = {now!r}, but the trial ran with {then!r}: the space (or its overrides) "
                         f"changed since the study ran")
     return cfg
-
-
-def normalised_config(recorded: Any, where: str) -> dict[str, Any]:
-    """A recorded config dict read through ``TrialConfig`` and written back: keys added since it
-    was recorded get their defaults (off), so a study run before them still replays and compares.
-    UserError (one line) when it no longer reads (a key since removed, a value now refused)."""
-    try:
-        return to_dict(from_dict(TrialConfig, recorded, where=where))
-    except ConfigError as exc:
-        raise UserError(f"{exc}; this catdog-hpo cannot replay it") from None
-
-
-def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
-    """The first dotted path where nested data ``a`` and ``b`` differ, with both values; None if equal."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if key not in a or key not in b:
-                return path, a.get(key, "(missing)"), b.get(key, "(missing)")
-            found = first_difference(a[key], b[key], path)
-            if found is not None:
-                return found
-        return None
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return prefix, a, b
-        for i, (x, y) in enumerate(zip(a, b)):
-            found = first_difference(x, y, f"{prefix}[{i}]")
-            if found is not None:
-                return found
-        return None
-    if a != b or isinstance(a, bool) != isinstance(b, bool):  # True == 1 in Python; not in a config
-        return prefix, a, b
-    return None
 
 
 # --------------------------------------------------------------------------- the document
