@@ -154,8 +154,8 @@ def read_study(name: str, storage: str) -> dict[str, Any]:
     from optuna.trial import TrialState
 
     from catdog_hpo.search.budget import spent_seconds
-    from catdog_hpo.search.record import StudyInfo, TrialRecord
-    from catdog_hpo.search.study import baseline_trial, counts_toward_n
+    from catdog_hpo.search.record import StudyInfo, TrialRecord, counts_toward_n
+    from catdog_hpo.search.study import baseline_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=name, storage=storage)

@@ -1,6 +1,6 @@
 """Samplers on the same wall-clock budget: TPE + median pruner vs random vs grid (no pruner).
 
-Each study is a real `catdog-hpo run` (``catdog_hpo.search.study.run`` with ``RunSettings``, one worker)
+Each study is a real `catdog-hpo run` (``catdog_hpo.search.run.run`` with ``RunSettings``, one worker)
 on the 3,000 real photos (2,000 train / 1,000 val), searching ``bench/search_space.yaml`` (small
 CNNs at 32 px, 36 grid points) with a fixed ``--epochs``, ``--timeout`` = the budget and no trial
 limit (the grid stops at its end). Every (sampler, seed) pair is its own study in a fresh SQLite
@@ -59,7 +59,8 @@ def one_study(sampler: str, seed: int, args: argparse.Namespace, store: str, out
     from optuna.trial import TrialState
 
     from catdog_hpo.data import DataSource
-    from catdog_hpo.search.study import RunSettings, run
+    from catdog_hpo.search.run import run
+    from catdog_hpo.search.settings import RunSettings
 
     name = f"{sampler}-seed{seed}"
     settings = RunSettings(

@@ -45,7 +45,8 @@ from optuna.trial import TrialState  # noqa: E402
 from catdog_hpo.data import DataSource  # noqa: E402
 from catdog_hpo.search import optuna_compat  # noqa: E402
 from catdog_hpo.search.storage import open_storage  # noqa: E402
-from catdog_hpo.search.study import RunSettings, claim_trial, open_run_storage  # noqa: E402
+from catdog_hpo.search.settings import RunSettings  # noqa: E402
+from catdog_hpo.search.study import claim_trial, open_run_storage  # noqa: E402
 
 STUDY = "bench"
 HEARTBEAT_S = 10  # `run`'s default --heartbeat

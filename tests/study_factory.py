@@ -28,13 +28,13 @@ from catdog_hpo.config import ModelConfig, OptimConfig, TrainConfig, TrialConfig
 from catdog_hpo.search.storage import open_storage  # noqa: E402
 
 if TYPE_CHECKING:
-    from catdog_hpo.search.study import RunSettings
+    from catdog_hpo.search.settings import RunSettings
 
 def run_settings(workdir: Path, **kw: object) -> "RunSettings":
-    """Settings for ``search.study.run`` on the tiny space in ``workdir`` (tests' fixtures write
+    """Settings for ``search.run.run`` on the tiny space in ``workdir`` (tests' fixtures write
     ``tiny.yaml``): a SQLite store under ``workdir/studies``, synthetic data, no progress output."""
     from catdog_hpo.data import DataSource
-    from catdog_hpo.search.study import RunSettings
+    from catdog_hpo.search.settings import RunSettings
 
     base: dict[str, object] = dict(
         study="s", storage=f"sqlite:///{workdir}/studies/t.db", space=str(workdir / "tiny.yaml"),

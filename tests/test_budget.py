@@ -17,8 +17,9 @@ from catdog_hpo.errors import ConfigError, UserError
 from catdog_hpo.search.budget import format_duration, parse_duration, spent_seconds, union_length
 from catdog_hpo.search.objective import Budget
 from catdog_hpo.search.record import StudyKey, TrialKey
-from catdog_hpo.search.samplers import first_rung
-from catdog_hpo.search.study import PRUNERS, RunSettings, count, run
+from catdog_hpo.search.pruners import PRUNERS, first_rung
+from catdog_hpo.search.run import run
+from catdog_hpo.search.study import count
 from helpers import TINY_SPACE
 from study_factory import run_settings as settings, load_run_study as load
 
@@ -125,7 +126,7 @@ def test_the_fair_share_weighs_a_configs_expected_cost_under_the_pruner() -> Non
     from catdog_hpo.engine.models import model_cost
     from catdog_hpo.search.budget import SHARE_RELAX_EVERY, Guard, Plan, StudyClock
     from catdog_hpo.search.objective import reject
-    from catdog_hpo.search.samplers import EXPECTED_EPOCHS
+    from catdog_hpo.search.pruners import EXPECTED_EPOCHS
 
     model = ModelConfig(blocks=(BlockConfig(8),), head="gap")
     cfg = TrialConfig(image_size=16, model=model, train=TrainConfig(epochs=20, batch_size=32))
@@ -180,7 +181,7 @@ def test_the_epochs_a_trial_runs_are_learned_from_the_studys_record() -> None:
     # SHA's theory (2.74 of 20 epochs) is the prior; a study whose finished trials all ran their
     # 20 epochs moves the guard's share towards all of them; trials the budget stopped do not count.
     from catdog_hpo.search.budget import PRIOR_TRIALS, Guard, Plan, StudyClock
-    from catdog_hpo.search.samplers import EXPECTED_EPOCHS
+    from catdog_hpo.search.pruners import EXPECTED_EPOCHS
 
     study = optuna.create_study()
     g = Guard(study, StudyClock(study, 100.0), Plan(100, 1, EXPECTED_EPOCHS["sha"]), torch.device("cpu"))
@@ -338,7 +339,7 @@ def test_pruners_never_act_on_epoch_one() -> None:
 
 
 def test_sha_rungs_start_at_epoch_one_only_for_long_trials() -> None:
-    from catdog_hpo.search.samplers import EXPECTED_EPOCHS
+    from catdog_hpo.search.pruners import EXPECTED_EPOCHS
 
     # 20 epochs (seed-cnn): rungs at 1, 3, 9; 6 epochs (quick): rungs at 2 and 6.
     assert PRUNERS["sha"](20)._min_resource == 1 and PRUNERS["sha"](6)._min_resource == 2

@@ -138,7 +138,8 @@ def _copy_store(src: Path, dst: Path) -> None:
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with the shared store (one study, one finished trial) and the bad inputs."""
     from catdog_hpo.data import DataSource
-    from catdog_hpo.search.study import RunSettings, run
+    from catdog_hpo.search.run import run
+    from catdog_hpo.search.settings import RunSettings
 
     root = tmp_path_factory.mktemp("cli_errors")
     (root / "tiny.yaml").write_text(yaml.safe_dump(TINY))

@@ -1,6 +1,6 @@
 """`catdog-hpo export`: picking the trial, replaying it through the space, the file, the errors.
 
-A real (tiny) study is run in-process by the lead's `study.run` on a folder of small PNGs with a
+A real (tiny) study is run in-process by the lead's `search.run.run` on a folder of small PNGs with a
 space file of its own, so the export replays real parameters; studies from tests/study_factory.py
 cover the error cases. The helpers here are reused by test_retrain.py.
 """
@@ -65,7 +65,8 @@ def make_tiny_study(tmp: Path, trials: int = 3, name: str = "tiny", space_text: 
                     enqueue: tuple[dict, ...] = ()) -> dict:
     """Run a real study (random sampler, 2 epochs) on tiny PNGs; return where everything is."""
     from catdog_hpo.data import DataSource
-    from catdog_hpo.search.study import RunSettings, run
+    from catdog_hpo.search.run import run
+    from catdog_hpo.search.settings import RunSettings
 
     data = write_color_folder(tmp / "data")
     space = tmp / "tiny_space.yaml"

@@ -261,7 +261,8 @@ def test_machines_started_together_sample_different_parameters(workdir: Path) ->
     from catdog_hpo.data import DataSource
     from catdog_hpo.search.space_files import load_space
     from catdog_hpo.search.spaces import resolve
-    from catdog_hpo.search.study import RunSettings, create_or_resume, open_run_storage
+    from catdog_hpo.search.settings import RunSettings
+    from catdog_hpo.search.study import create_or_resume, open_run_storage
 
     settings = RunSettings(study=STUDY, storage=f"sqlite:///{workdir}/{DB}", space=str(workdir / "tiny.yaml"),
                            sampler="random", pruner="none", trials=10, data=DataSource(name="synthetic"))

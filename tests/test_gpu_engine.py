@@ -269,7 +269,7 @@ def test_pin_worker_device() -> None:
 
 def _settings(devices: tuple[str, ...]):  # type: ignore[no-untyped-def]
     from catdog_hpo.data import DataSource
-    from catdog_hpo.search.study import RunSettings
+    from catdog_hpo.search.settings import RunSettings
 
     return RunSettings(study="s", storage="sqlite:///unused.db", space="quick", sampler="random",
                        pruner="none", trials=1, data=DataSource(name="synthetic"),
@@ -348,7 +348,8 @@ def test_sticky_cuda_error_requeues_the_trial(tmp_path, monkeypatch: pytest.Monk
     import yaml
     from optuna.trial import TrialState
 
-    import catdog_hpo.search.study as study_mod
+    import catdog_hpo.search.run as run_mod
+    import catdog_hpo.search.settings as settings_mod
     import catdog_hpo.search.worker as worker_mod
     from catdog_hpo.data import DataSource
     from catdog_hpo.errors import UserError
@@ -357,9 +358,9 @@ def test_sticky_cuda_error_requeues_the_trial(tmp_path, monkeypatch: pytest.Monk
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY_SPACE))
-    s = study_mod.RunSettings(study="s", storage=f"sqlite:///{tmp_path}/t.db", space=str(tmp_path / "tiny.yaml"),
-                              sampler="random", pruner="none", trials=1, data=DataSource(name="synthetic"),
-                              studies_dir=tmp_path / "studies", progress=False, heartbeat=2)
+    s = settings_mod.RunSettings(study="s", storage=f"sqlite:///{tmp_path}/t.db", space=str(tmp_path / "tiny.yaml"),
+                                 sampler="random", pruner="none", trials=1, data=DataSource(name="synthetic"),
+                                 studies_dir=tmp_path / "studies", progress=False, heartbeat=2)
 
     def broken(trial: optuna.Trial, *args: object, **kw: object) -> float:
         trial.suggest_int("k", 1, 9)  # the trial has parameters to queue again
@@ -367,7 +368,7 @@ def test_sticky_cuda_error_requeues_the_trial(tmp_path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(worker_mod, "run_trial", broken)
     with pytest.raises(UserError, match="queued again"):
-        study_mod.run(s)
+        run_mod.run(s)
     study = optuna.load_study(study_name="s", storage=s.storage)
     failed = study.get_trials(states=(TrialState.FAIL,))
     waiting = study.get_trials(states=(TrialState.WAITING,))

@@ -173,7 +173,7 @@ def test_sticky_error_restarts_the_worker_and_the_trial_runs_again_once(
 ])
 def test_repeatable_cuda_error_fails_the_trial_and_the_worker_goes_on(
         workdir: Path, monkeypatch: pytest.MonkeyPatch, message: str) -> None:
-    from catdog_hpo.search.study import run
+    from catdog_hpo.search.run import run
 
     s = run_settings(workdir, trials=2, baseline=False)
     released, probes = Released(), []

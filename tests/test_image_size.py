@@ -18,7 +18,7 @@ from catdog_hpo.engine.models import model_cost
 from catdog_hpo.search.record import TrialKey
 from catdog_hpo.search.space_files import load_space
 from catdog_hpo.search.spaces import resolve
-from catdog_hpo.search.study import run
+from catdog_hpo.search.run import run
 from study_factory import load_run_study, run_settings
 
 SIZES = (32, 48, 64, 96)  # px

@@ -85,7 +85,7 @@ def workdir(tmp_path: Path, images: Path) -> Path:
 
 def _run_whole_study(workdir: Path, **kw: object) -> optuna.Study:
     from catdog_hpo.data import DataSource
-    from catdog_hpo.search.study import run
+    from catdog_hpo.search.run import run
 
     settings = run_settings(workdir, trials=MATRIX_TRIALS, data=DataSource(path=str(workdir / "images")), **kw)
     run(settings)

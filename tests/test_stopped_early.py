@@ -28,7 +28,7 @@ TRIALS = 10  # past TPE's 5 start-up trials: the model-based ones are where it b
 def study(tmp_path_factory: pytest.TempPathFactory) -> optuna.Study:
     """A TPE study on accuracy and params in which the rule stops every odd-numbered trial after
     epoch 1 of 2 (a stand-in for the real rule, whose decisions depend on the accuracies)."""
-    from catdog_hpo.search.study import run
+    from catdog_hpo.search.run import run
 
     workdir = tmp_path_factory.mktemp("stopped")
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY_SPACE))

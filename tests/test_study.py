@@ -14,7 +14,8 @@ from catdog_hpo.data import DataSource
 from catdog_hpo.errors import UserError
 from catdog_hpo.search.objective import Budget
 from catdog_hpo.search.progress import pace
-from catdog_hpo.search.study import RunSettings, count, run
+from catdog_hpo.search.run import run
+from catdog_hpo.search.study import count
 from helpers import TINY_SPACE
 from study_factory import run_settings as settings, load_run_study as load
 

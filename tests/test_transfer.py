@@ -426,7 +426,7 @@ def test_a_space_needing_the_pretrained_extra_is_refused_before_the_study(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the [pretrained] extra, `run --space transfer` stops at once with the install
     command (it used to create the study and fail every trial with it)."""
-    from catdog_hpo.search.study import run
+    from catdog_hpo.search.run import run
 
     from study_factory import run_settings
 

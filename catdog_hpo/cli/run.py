@@ -11,7 +11,7 @@ from catdog_hpo.errors import UserError
 from catdog_hpo.search import choices
 
 SAMPLER_CHOICES = choices.SAMPLERS  # the keys of catdog_hpo.search.samplers.SAMPLERS
-PRUNER_CHOICES = choices.PRUNERS  # the keys of catdog_hpo.search.samplers.PRUNERS
+PRUNER_CHOICES = choices.PRUNERS  # the keys of catdog_hpo.search.pruners.PRUNERS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -131,7 +131,8 @@ def _handle(args: argparse.Namespace) -> int:
         raise UserError(f"--timeout {args.timeout}: must be more than 0 seconds")
     from catdog_hpo.engine.device import assign_gpus, parse_gpus, resolve_device
     from catdog_hpo.search.objective import Budget
-    from catdog_hpo.search.study import RunSettings, run
+    from catdog_hpo.search.run import run
+    from catdog_hpo.search.settings import RunSettings
 
     device = resolve_device(args.device)
     if device.type == "cuda":

@@ -43,8 +43,9 @@ import optuna
 
 from catdog_hpo.errors import ConfigError, UserError
 from catdog_hpo.search import optuna_compat
-from catdog_hpo.search.record import (BUDGET_SESSION_PREFIX, CALIBRATION_PREFIX, StudyKey, TrialKey)
-from catdog_hpo.search.samplers import all_epochs
+from catdog_hpo.search.record import (BUDGET_SESSION_PREFIX, CALIBRATION_PREFIX, StudyKey, TrialKey,
+                                      counts_toward_n, tally)
+from catdog_hpo.search.pruners import all_epochs
 
 SHARE_SLACK = 2.0  # a config may cost this many fair shares (trials that end early leave time over)
 # Fair-share refusals in a row after which the share doubles (below the stop rule's 25, so pacing
@@ -279,8 +280,6 @@ class Guard:
         for ``epochs`` (Plan.expected_epochs) worth PRIOR_TRIALS trials, plus one per finished
         trial of the study that trained (trials the budget stopped are not the pruner's doing).
         ``trials``: the study's."""
-        from catdog_hpo.search.study import counts_toward_n
-
         total, n = PRIOR_TRIALS * min(1.0, self.plan.expected_epochs(epochs) / epochs), PRIOR_TRIALS
         for t in trials:
             ua = t.user_attrs
@@ -294,8 +293,6 @@ class Guard:
         ``trials``: the study's."""
         if self.plan.trials is None:
             return math.inf
-        from catdog_hpo.search.study import tally
-
         finished, running, _ = tally(trials)
         still = max(1, self.plan.trials - finished - max(0, running - 1))  # running - 1: not this one
         return left * self.plan.workers / still * SHARE_SLACK

@@ -1,8 +1,8 @@
 """The names of the search's registries: the CLI's ``--sampler``/``--pruner`` choices.
 
-They live apart from the registries (``search.samplers.SAMPLERS``/``PRUNERS``, name -> factory)
-so the CLI builds its parser without importing Optuna (``--help`` stays instant); the study
-module checks at import that its registries build exactly these names
+They live apart from the registries (``search.samplers.SAMPLERS``, ``search.pruners.PRUNERS``:
+name -> factory) so the CLI builds its parser without importing Optuna (``--help`` stays
+instant); each registry checks at import that it builds exactly these names
 (``config.check_registry``).
 """
 

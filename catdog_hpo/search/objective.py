@@ -21,7 +21,11 @@ from catdog_hpo.search.record import TrialKey
 from catdog_hpo.search.spaces import Space, resolve
 
 if TYPE_CHECKING:
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from catdog_hpo.search.budget import Guard
     from catdog_hpo.search.checkpoints import Checkpoints
+    from catdog_hpo.search.pareto import ParetoRule
 
 
 class TrialFailed(Exception):
@@ -45,7 +49,7 @@ class Goal:
 
     objectives: tuple[str, ...] = ("accuracy",)
     latency_device: str = "cpu"  # "cpu" | "cuda" (the trial's GPU when it trains on one)
-    rule: Any = None  # catdog_hpo.search.pareto.ParetoRule | None
+    rule: ParetoRule | None = None
 
     @property
     def multi(self) -> bool:
@@ -78,9 +82,9 @@ def run_trial(
     overrides: dict[str, Any],
     images: ImageProvider,
     budget: Budget,
-    artifact_store: Any | None = None,
+    artifact_store: FileSystemArtifactStore | None = None,
     goal: Goal = Goal(),
-    guard: Any | None = None,
+    guard: Guard | None = None,
     checkpoints: Checkpoints | None = None,
 ) -> float | list[float]:
     """Train one trial and return its value: the validation accuracy of its BEST epoch, the

@@ -15,7 +15,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from catdog_hpo.search import optuna_compat
-from catdog_hpo.search.record import BUDGET_SESSION_PREFIX, StudyKey, TrialKey, finished_complete, outcome
+from catdog_hpo.search.budget import format_duration, spent_seconds, union_length
+from catdog_hpo.search.record import (BUDGET_SESSION_PREFIX, StudyKey, TrialKey, counts_toward_n, finished_complete,
+                                      outcome)
 
 _KEY_PARAMS = 5  # parameters shown per trial line
 # Below this much wall time no rate is printed: the summary of a 2-trial study whose time was
@@ -52,16 +54,9 @@ def _short(v: Any) -> str:
     return str(v)
 
 
-def counted(t: FrozenTrial) -> bool:
-    """A finished trial that counts toward --trials (turned-away configs do not)."""
-    return t.state in (TrialState.COMPLETE, TrialState.PRUNED) and TrialKey.REJECTED not in t.user_attrs
-
-
 def pace(done: int, seconds: float, remaining: int | None, left_s: float | None) -> str:
     """'12.3 trials/h, ETA 4.1m': ``done`` trials in ``seconds`` as trials per hour, and the time
     to run ``remaining`` more at that pace (or to the end of the budget, whichever is first)."""
-    from catdog_hpo.search.budget import format_duration
-
     if done <= 0 or seconds < MIN_PACE_S:
         return "- trials/h"
     rate = done / seconds  # trials per second
@@ -79,10 +74,8 @@ def study_pace(study: optuna.Study, since: float | None = None) -> str:
     couple of seconds and not when its worker returns, so a short run recorded almost none of its
     time (a 2-trial study: "0s of wall time"), and the stored sessions alone undercount any run.
     """
-    from catdog_hpo.search.budget import format_duration, union_length
-
     trials = study.get_trials(deepcopy=False)
-    done = sum(counted(t) for t in trials)
+    done = sum(counts_toward_n(t) for t in trials)
     rejected = sum(TrialKey.REJECTED in t.user_attrs for t in trials)
     attrs = study._storage.get_study_system_attrs(optuna_compat.study_id(study))
     sessions = [(float(v[0]), float(v[1])) for k, v in attrs.items() if k.startswith(BUDGET_SESSION_PREFIX)]
@@ -99,11 +92,9 @@ class Progress:
                  budget_s: float | None = None) -> None:
         from tqdm import tqdm
 
-        from catdog_hpo.search.budget import spent_seconds
-
         self._study = study
         self._seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-        finished = sum(counted(t) for t in study.get_trials(deepcopy=False))
+        finished = sum(counts_toward_n(t) for t in study.get_trials(deepcopy=False))
         self._start, self._start_done = time.time(), finished
         self._budget_end = time.time() + budget_s - spent_seconds(study) if budget_s is not None else None
         self._target = target
@@ -123,7 +114,7 @@ class Progress:
         for t in sorted((t for t in trials if t.state.is_finished() and t.number not in self._seen),
                         key=lambda t: t.datetime_complete or t.datetime_start):
             self._seen.add(t.number)
-            if counted(t) and (self._target is None or self._done < self._target):
+            if counts_toward_n(t) and (self._target is None or self._done < self._target):
                 self._done += 1
                 self._bar.update(1)
             self._write(f"[{self._done}/{self._target or '-'}] {trial_line(t)}  | {self._pace()}")

@@ -60,7 +60,7 @@ class StudyKey:
     SPACE = "space"  # search space name or path (space_files.load_space reads it back)
     SPACE_FINGERPRINT = "space_fingerprint"  # written last: its presence marks the study made
     SAMPLER = "sampler"  # a key of search.samplers.SAMPLERS
-    PRUNER = "pruner"  # a key of search.samplers.PRUNERS
+    PRUNER = "pruner"  # a key of search.pruners.PRUNERS
     DATA = "data"  # DataSource.describe(): a one-line description
     DATA_SOURCE = "data_source"  # the whole DataSource as a dict, so export/retrain rebuild the split
     DATA_FINGERPRINT = "data_fingerprint"  # the decoded images' fingerprint at the base image size
@@ -169,6 +169,20 @@ def outcome(trial: FrozenTrial) -> str:
 def finished_complete(trial: FrozenTrial) -> bool:
     """Completed all its epochs with a value: a trial export, the front and the best may pick."""
     return outcome(trial) == "COMPLETE" and bool(trial.values)
+
+
+def counts_toward_n(trial: FrozenTrial) -> bool:
+    """A finished trial that trained (completed or pruned); a config turned away before
+    training (search.objective.reject) does not use up --trials."""
+    return trial.state.name in ("COMPLETE", "PRUNED") and TrialKey.REJECTED not in trial.user_attrs
+
+
+def tally(trials: list[FrozenTrial]) -> tuple[int, int, int]:
+    """(finished, running, waiting) of ``trials``; finished: those that count toward --trials."""
+    finished = sum(counts_toward_n(t) for t in trials)
+    running = sum(t.state.name == "RUNNING" for t in trials)
+    waiting = sum(t.state.name == "WAITING" for t in trials)
+    return finished, running, waiting
 
 
 @dataclass(frozen=True)

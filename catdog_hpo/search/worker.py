@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -26,12 +26,20 @@ from catdog_hpo.engine.device import classify_cuda_error, cuda_context_works, fr
 from catdog_hpo.errors import UserError
 from catdog_hpo.data.provider import ImageProvider
 from catdog_hpo.search import checkpoints, interrupts, optuna_compat
-from catdog_hpo.search.budget import format_duration, rejects_tolerated
+from catdog_hpo.search.budget import Guard, Plan, StudyClock, format_duration, rejects_tolerated, resolve_budget
 from catdog_hpo.search.objective import Budget, Goal, TrialFailed, run_trial
+from catdog_hpo.search.pruners import EXPECTED_EPOCHS
 from catdog_hpo.search.record import TrialKey
-from catdog_hpo.search.samplers import EXPECTED_EPOCHS
+from catdog_hpo.search.settings import RunSettings, goal_of, overrides_of
 from catdog_hpo.search.spaces import Space
-from catdog_hpo.search.study import Opened, RunSettings, claim_trial, goal_of, open_study, overrides_of
+from catdog_hpo.search.study import Opened, claim_trial, open_study
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from catdog_hpo.search.progress import Progress
 
 _POLL_S = 1.0  # seconds between checks while waiting on other workers' trials
 _MAX_FAILS_IN_A_ROW = 5  # a worker whose trials keep failing stops instead of burning the budget
@@ -108,11 +116,9 @@ def work(settings: RunSettings, device: str, deadline: float | None,
 _TOO_LATE_IN_A_ROW = 3  # configs in a row that would not finish in the budget left: the budget is done
 
 
-def _budget_guard(settings: RunSettings, study: optuna.Study, device: str) -> tuple[Any, Any]:
+def _budget_guard(settings: RunSettings, study: optuna.Study, device: str) -> tuple[StudyClock, Guard]:
     """This worker's clock on the study's time budget and its cost-model guard."""
     import torch
-
-    from catdog_hpo.search.budget import Guard, Plan, StudyClock, resolve_budget
 
     clock = StudyClock(study, resolve_budget(study, settings.time_budget))
     plan = Plan(trials=settings.trials, workers=settings.workers, expected_epochs=EXPECTED_EPOCHS[settings.pruner])
@@ -120,8 +126,8 @@ def _budget_guard(settings: RunSettings, study: optuna.Study, device: str) -> tu
 
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, space: Space, overrides: dict[str, Any],
-             images: ImageProvider, budget: Budget, store: Any, goal: Goal = Goal(),
-             guard: Any = None, ckpts: checkpoints.Checkpoints | None = None) -> TrialState:
+             images: ImageProvider, budget: Budget, store: FileSystemArtifactStore, goal: Goal = Goal(),
+             guard: Guard | None = None, ckpts: checkpoints.Checkpoints | None = None) -> TrialState:
     """Run one claimed trial and tell the study how it ended; never leaves it RUNNING.
     WorkerRestart after a sticky CUDA error (the trial failed and, unless it was a retry
     already, its parameters queued again)."""
@@ -234,12 +240,12 @@ def _worker_main(settings: RunSettings, worker: int, device: str, deadline: floa
         sys.exit(2)
 
 
-def run_workers(settings: RunSettings, deadline: float | None, progress: Any) -> None:
+def run_workers(settings: RunSettings, deadline: float | None, progress: Progress) -> None:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
 
-    def start(i: int) -> Any:
+    def start(i: int) -> BaseProcess:
         p = ctx.Process(target=_worker_main, args=(settings, i, settings.devices[i], deadline), daemon=False)
         p.start()
         return p
