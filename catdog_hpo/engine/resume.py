@@ -42,6 +42,7 @@ from catdog_hpo.config import TrialConfig, to_dict
 from catdog_hpo.files import atomic_write
 
 if TYPE_CHECKING:
+    from catdog_hpo.engine.epochs import EpochStats
     from catdog_hpo.engine.train import _Loop
 
 STATE_FORMAT = "catdog-hpo-training-state"
@@ -121,7 +122,8 @@ def twin_base(name: str) -> str:
     return f"{stem[:-2]}.{suffix}" if dot and stem.endswith(".b") else name
 
 
-def save(spec: CheckpointSpec, loop: _Loop, epoch: int, history: list[Any], best: tuple[int, float, Any],
+def save(spec: CheckpointSpec, loop: _Loop, epoch: int, history: list[EpochStats],
+         best: tuple[int, float, dict[str, torch.Tensor] | None],
          newest: Path | None) -> Path | None:
     """Write the state after ``epoch`` into the file that does not hold ``newest`` (the last
     state saved or resumed from); returns it, or None when the write failed. At an epoch's end,
