@@ -46,7 +46,7 @@ from catdog_hpo.data import DataSource  # noqa: E402
 from catdog_hpo.search import optuna_compat  # noqa: E402
 from catdog_hpo.search.storage import open_storage  # noqa: E402
 from catdog_hpo.search.settings import RunSettings  # noqa: E402
-from catdog_hpo.search.study import claim_trial, open_run_storage  # noqa: E402
+from catdog_hpo.search.study import Claim, claim_trial, open_run_storage  # noqa: E402
 
 STUDY = "bench"
 HEARTBEAT_S = 10  # `run`'s default --heartbeat
@@ -125,9 +125,9 @@ def worker(url: str, plain: bool, trials: int, epochs: int, work_s: float, seed:
             _count_error(out, exc, "claim")
             time.sleep(_POLL_S)
             continue
-        if trial == "done":
+        if trial is Claim.DONE:
             break
-        if trial == "wait":  # others hold the last places; one may fail and free its place
+        if trial is Claim.WAIT:  # others hold the last places; one may fail and free its place
             time.sleep(_POLL_S)
             continue
         try:

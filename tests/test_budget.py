@@ -15,9 +15,9 @@ from catdog_hpo.config import BlockConfig, ModelConfig, TrainConfig, TrialConfig
 from catdog_hpo.data import DataSource, load_images
 from catdog_hpo.errors import ConfigError, UserError
 from catdog_hpo.search.budget import format_duration, parse_duration, spent_seconds, union_length
-from catdog_hpo.search.objective import Budget
-from catdog_hpo.search.record import StudyKey, TrialKey
+from catdog_hpo.search.limits import Limits
 from catdog_hpo.search.pruners import PRUNERS, first_rung
+from catdog_hpo.search.record import StudyKey, TrialKey
 from catdog_hpo.search.run import run
 from catdog_hpo.search.study import count
 from helpers import TINY_SPACE
@@ -125,7 +125,7 @@ def test_the_fair_share_weighs_a_configs_expected_cost_under_the_pruner() -> Non
     from catdog_hpo.engine.cost import Calibration, workload
     from catdog_hpo.engine.models import model_cost
     from catdog_hpo.search.budget import SHARE_RELAX_EVERY, Guard, Plan, StudyClock
-    from catdog_hpo.search.objective import reject
+    from catdog_hpo.search.trial import reject
     from catdog_hpo.search.pruners import EXPECTED_EPOCHS
 
     model = ModelConfig(blocks=(BlockConfig(8),), head="gap")
@@ -249,7 +249,7 @@ def test_rejected_configs_do_not_count_and_tpe_proposes_fewer(workdir: Path) -> 
                         "model.dropout": {"float": [0.0, 0.5]}}}
     (workdir / "wide.yaml").write_text(yaml.safe_dump(space))
     s = settings(workdir, space=str(workdir / "wide.yaml"), sampler="tpe", trials=24, seed=3,
-                 budget=Budget(max_params=1000))  # 256 channels: ~7,000 params, turned away
+                 limits=Limits(max_params=1000))  # 256 channels: ~7,000 params, turned away
     assert run(s) == 0
     study = load(s)
     assert count(study)[0] == 24  # 24 trained trials, however many were turned away
@@ -263,7 +263,7 @@ def test_rejected_configs_do_not_count_and_tpe_proposes_fewer(workdir: Path) -> 
 
 def test_a_sampler_stuck_on_rejected_configs_stops_with_a_message(workdir: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
-    s = settings(workdir, trials=3, budget=Budget(max_params=10), baseline=False)
+    s = settings(workdir, trials=3, limits=Limits(max_params=10), baseline=False)
     assert run(s) == 1
     assert "configs were all turned away before training" in capsys.readouterr().err
 

@@ -152,12 +152,12 @@ def test_a_budgeted_study(workdir: Path, objectives: tuple[str, ...]) -> None:
 @pytest.mark.matrix
 @pytest.mark.parametrize("objectives", OBJECTIVE_SETS, ids=["+".join(o) for o in OBJECTIVE_SETS])
 def test_a_max_params_study(workdir: Path, objectives: tuple[str, ...]) -> None:
-    from catdog_hpo.search.objective import Budget
+    from catdog_hpo.search.limits import Limits
 
     pruner = "pareto" if len(objectives) > 1 else "sha"
     # Depth 2 with 8 channels in its second block has more parameters: some configs are turned away.
     study = _run_whole_study(workdir, sampler="tpe", pruner=pruner, objectives=objectives,
-                             budget=Budget(max_params=600))
+                             limits=Limits(max_params=600))
     _assert_whole(study, f"tpe-{pruner}-{'+'.join(objectives)} --max-params 600")
     assert any(TrialKey.REJECTED in t.user_attrs for t in study.get_trials(deepcopy=False)), \
         "--max-params turned nothing away: the limit does not bite in this space"

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from catdog_hpo.data import DataSource
 from catdog_hpo.errors import UserError
-from catdog_hpo.search.objective import Budget
+from catdog_hpo.search.limits import Limits
 from catdog_hpo.search.progress import pace
 from catdog_hpo.search.run import run
 from catdog_hpo.search.study import count
@@ -116,7 +116,7 @@ def test_pruner_prunes_poor_trials(workdir: Path) -> None:
 
 
 def test_cost_guard_turns_configs_away_before_training(workdir: Path) -> None:
-    s = settings(workdir, trials=3, budget=Budget(max_params=100))
+    s = settings(workdir, trials=3, limits=Limits(max_params=100))
     assert run(s) == 1  # nothing completed
     for t in load(s).trials:
         assert t.state == TrialState.PRUNED

@@ -130,7 +130,7 @@ def _handle(args: argparse.Namespace) -> int:
     if args.timeout is not None and args.timeout <= 0:
         raise UserError(f"--timeout {args.timeout}: must be more than 0 seconds")
     from catdog_hpo.engine.device import assign_gpus, parse_gpus, resolve_device
-    from catdog_hpo.search.objective import Budget
+    from catdog_hpo.search.limits import Limits
     from catdog_hpo.search.run import run
     from catdog_hpo.search.settings import RunSettings
 
@@ -158,7 +158,7 @@ def _handle(args: argparse.Namespace) -> int:
         time_budget=time_budget, baseline=not args.no_baseline, enqueue=enqueue,
         enqueue_from=str(args.enqueue) if args.enqueue is not None else None,
         weights=weights_file(args.weights), workers=args.workers, seed=args.seed, devices=tuple(devices),
-        budget=Budget(max_params=args.max_params, max_flops=args.max_flops),
+        limits=Limits(max_params=args.max_params, max_flops=args.max_flops),
         studies_dir=STUDIES_DIR, heartbeat=args.heartbeat, progress=not args.no_progress,
         deterministic=args.deterministic,
         objectives=objectives, latency_device=args.latency_device, run_config=run_config,

@@ -15,7 +15,7 @@ maps a study's trials onto its files.
   retry of a dead worker (the last of ``retry_history``), else ours (``RETRY_OF``: an interrupt,
   a sticky CUDA error).
 - Resume: the retry's ``RESUMED_FROM_TRIAL``/``RESUMED_FROM_EPOCH`` say from where; the epochs
-  taken over are reported to the pruner as they were (``search.objective``). A missing, damaged
+  taken over are reported to the pruner as they were (``search.trial``). A missing, damaged
   or mismatched file is ignored with a one-line warning (``RESUME_IGNORED``): epoch 1 again.
 - Kept: ``tidy`` (after every trial) deletes the files no unfinished trial and no pending retry
   needs, and the best-epoch weights (``best-<n>-<random>.pt``, ``WEIGHTS_FILE``) of all but the

@@ -4,7 +4,7 @@
 first objective; the others are costs, minimised, and all of them are known before training:
 ``params`` and ``flops`` from the meta-device forward (``engine.models.model_cost``), ``latency``
 from timed batch-1 forwards (``engine.latency``) on ``--latency-device``. Each objective reads its
-value from the trial user attribute named here, which the objective module records.
+value from the trial user attribute named here, which ``search.trial`` records.
 """
 
 from __future__ import annotations

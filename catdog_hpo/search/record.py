@@ -173,7 +173,7 @@ def finished_complete(trial: FrozenTrial) -> bool:
 
 def counts_toward_n(trial: FrozenTrial) -> bool:
     """A finished trial that trained (completed or pruned); a config turned away before
-    training (search.objective.reject) does not use up --trials."""
+    training (search.trial.reject) does not use up --trials."""
     return trial.state.name in ("COMPLETE", "PRUNED") and TrialKey.REJECTED not in trial.user_attrs
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from catdog_hpo.data import DataSource
-from catdog_hpo.search.objective import Budget, Goal
+from catdog_hpo.search.limits import Limits
 from catdog_hpo.search.pareto import ParetoRule
+from catdog_hpo.search.trial import Goal
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class RunSettings:
     workers: int = 1
     seed: int = 0
     devices: tuple[str, ...] = ("cpu",)  # one per worker (catdog_hpo.engine.device.assign_gpus)
-    budget: Budget = field(default_factory=Budget)
+    limits: Limits = field(default_factory=Limits)  # --max-params, --max-flops
     studies_dir: Path = Path("studies")
     heartbeat: int = 10  # seconds between heartbeats; a trial silent for 3x this is stale
     progress: bool = True

@@ -18,6 +18,7 @@ import math
 import random
 import warnings
 from dataclasses import asdict, dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -207,23 +208,30 @@ def count(study: optuna.Study) -> tuple[int, int, int]:
     return tally(study.get_trials(deepcopy=False))
 
 
+class Claim(Enum):
+    """What ``claim_trial`` answers when it hands out no trial."""
+
+    DONE = "done"  # the study has its N, the grid is done, or the time budget is spent
+    WAIT = "wait"  # running trials hold the last places: one may fail and free its place
+
+
 def claim_trial(study: optuna.Study, storage: BaseStorage, settings: RunSettings, grid: int,
-                clock: StudyClock | None = None) -> optuna.Trial | str:
-    """A new trial if the budget allows one now, else "done" or "wait" (others are running).
-    ``clock``: the study's time budget (search.budget.StudyClock); none left is "done"."""
+                clock: StudyClock | None = None) -> optuna.Trial | Claim:
+    """A new trial if the budget allows one now, else Claim.DONE or Claim.WAIT (others are
+    running). ``clock``: the study's time budget (search.budget.StudyClock); none left is DONE."""
     if clock is not None and clock.left() <= 0:
-        return "done"
+        return Claim.DONE
     if optuna_compat.heartbeat_enabled(storage):
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, retried
     with study_lock(storage, settings.storage, settings.study):
         finished, running, waiting = count(study)
         target = settings.trials if settings.trials is not None else math.inf
         if finished >= target:
-            return "done"
+            return Claim.DONE
         if grid and waiting == 0:
-            return "wait" if running else "done"  # the grid is exhausted once nothing runs
+            return Claim.WAIT if running else Claim.DONE  # the grid is exhausted once nothing runs
         if finished + running >= target:
-            return "wait"  # a running trial may fail and free its place
+            return Claim.WAIT  # a running trial may fail and free its place
         trial = study.ask()
         if optuna_compat.heartbeat_enabled(storage):
             # A heartbeat from the claim on: a worker that dies before its heartbeat thread

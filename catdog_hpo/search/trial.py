@@ -1,13 +1,14 @@
-"""The glue between Optuna and the engine: trial -> TrialConfig -> fit -> reported accuracy.
+"""One trial: the glue between Optuna and the engine, trial -> TrialConfig -> fit -> reported value.
 
 Everything Optuna-specific about one trial lives here (suggest, report, prune, user attributes);
-the engine (``train.fit``) knows nothing of Optuna and only calls ``on_epoch_end``.
+the engine (``train.fit``) knows nothing of Optuna and only calls ``on_epoch_end``. What a study
+optimises (the objectives registry) is ``search.objectives``; the limits a config must meet
+before training, ``search.limits``.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -17,6 +18,7 @@ from catdog_hpo.search import interrupts, optuna_compat
 from catdog_hpo.config import TrialConfig, check_optim, to_dict
 from catdog_hpo.data.provider import ImageProvider
 from catdog_hpo.errors import ConfigError
+from catdog_hpo.search.limits import Limits, check_cost
 from catdog_hpo.search.record import TrialKey
 from catdog_hpo.search.spaces import Space, resolve
 
@@ -56,32 +58,12 @@ class Goal:
         return len(self.objectives) > 1
 
 
-@dataclass(frozen=True)
-class Budget:
-    """The cost guard: a sampled config over these is turned away before any training."""
-
-    max_params: int | None = None
-    max_flops: int | None = None  # forward FLOPs per image
-
-
-def check_cost(cfg: TrialConfig, num_classes: int, budget: Budget) -> dict[str, int]:
-    """Params and FLOPs of ``cfg``; ConfigError with the reason if it cannot be built or is over budget."""
-    from catdog_hpo.engine.models import model_cost
-
-    cost = model_cost(cfg.model, num_classes, cfg.image_size)  # raises ConfigError if infeasible
-    if budget.max_params is not None and cost.params > budget.max_params:
-        raise ConfigError(f"{cost.params:,} parameters > --max-params {budget.max_params:,}")
-    if budget.max_flops is not None and cost.flops > budget.max_flops:
-        raise ConfigError(f"{cost.flops:,} FLOPs per image > --max-flops {budget.max_flops:,}")
-    return {TrialKey.N_PARAMS: cost.params, TrialKey.FLOPS: cost.flops}
-
-
 def run_trial(
     trial: optuna.Trial,
     space: Space,
     overrides: dict[str, Any],
     images: ImageProvider,
-    budget: Budget,
+    limits: Limits,
     artifact_store: FileSystemArtifactStore | None = None,
     goal: Goal = Goal(),
     guard: Guard | None = None,
@@ -106,7 +88,7 @@ def run_trial(
         cfg = resolve(space, trial, overrides)
         check_optim(cfg.optim)  # e.g. nesterov without momentum: turned away, not failed
         num_classes = len(images.get(cfg.image_size).classes)
-        cost = check_cost(cfg, num_classes, budget)
+        cost = check_cost(cfg, num_classes, limits)
         if guard is not None:
             guard.admit(trial, cfg, cost[TrialKey.FLOPS], cost[TrialKey.N_PARAMS], images.get(cfg.image_size),
                         images.cache_dir)

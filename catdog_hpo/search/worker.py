@@ -27,12 +27,13 @@ from catdog_hpo.errors import UserError
 from catdog_hpo.data.provider import ImageProvider
 from catdog_hpo.search import checkpoints, interrupts, optuna_compat
 from catdog_hpo.search.budget import Guard, Plan, StudyClock, format_duration, rejects_tolerated, resolve_budget
-from catdog_hpo.search.objective import Budget, Goal, TrialFailed, run_trial
+from catdog_hpo.search.limits import Limits
 from catdog_hpo.search.pruners import EXPECTED_EPOCHS
 from catdog_hpo.search.record import TrialKey
 from catdog_hpo.search.settings import RunSettings, goal_of, overrides_of
 from catdog_hpo.search.spaces import Space
-from catdog_hpo.search.study import Opened, claim_trial, open_study
+from catdog_hpo.search.study import Claim, Opened, claim_trial, open_study
+from catdog_hpo.search.trial import Goal, TrialFailed, run_trial
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -78,15 +79,15 @@ def work(settings: RunSettings, device: str, deadline: float | None,
     while deadline is None or time.time() < deadline:
         interrupts.check()  # a signal that came during the last trial's store writes
         trial = claim_trial(study, storage, settings, grid, clock)
-        if trial == "done":
+        if trial is Claim.DONE:
             return
-        if trial == "wait":
+        if trial is Claim.WAIT:
             with interrupts.allowed():
                 time.sleep(_POLL_S)
             continue
         # The heartbeat thread study.optimize runs too (ours is an ask/tell loop, for the budget).
         with optuna_compat.heartbeat_thread(trial, storage):
-            state = _run_one(study, trial, space, overrides, images, settings.budget, store, goal_of(settings),
+            state = _run_one(study, trial, space, overrides, images, settings.limits, store, goal_of(settings),
                              guard, ckpts)
         ckpts.tidy(study)  # the finished trial's checkpoint; weights that fell out of the top
         _release_memory(trial.number)  # cached blocks back to the driver: a neighbour's trial may need them
@@ -126,13 +127,13 @@ def _budget_guard(settings: RunSettings, study: optuna.Study, device: str) -> tu
 
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, space: Space, overrides: dict[str, Any],
-             images: ImageProvider, budget: Budget, store: FileSystemArtifactStore, goal: Goal = Goal(),
+             images: ImageProvider, limits: Limits, store: FileSystemArtifactStore, goal: Goal = Goal(),
              guard: Guard | None = None, ckpts: checkpoints.Checkpoints | None = None) -> TrialState:
     """Run one claimed trial and tell the study how it ended; never leaves it RUNNING.
     WorkerRestart after a sticky CUDA error (the trial failed and, unless it was a retry
     already, its parameters queued again)."""
     try:
-        value = run_trial(trial, space, overrides, images, budget, store, goal, guard, ckpts)
+        value = run_trial(trial, space, overrides, images, limits, store, goal, guard, ckpts)
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         return TrialState.PRUNED
