@@ -15,7 +15,8 @@ initial weights (seed 0), on /work/shared/data/catdog-kaggle-3k (2,000 train / 1
   Resize(PX) + CenterCrop(PX). Every epoch decodes every JPEG again.
 
 s/epoch is the wall time of an epoch including its validation pass (mean and fastest: on a
-shared machine the fastest is the steadier number); val acc is after the last epoch. Run: .venv/bin/python bench/epoch.py [--sizes 64 128] [--epochs 3] [--device auto]
+shared machine the fastest is the steadier number); val acc is after the last epoch. Run:
+.venv/bin/python bench/epoch.py [--sizes 64 128] [--epochs 3] [--device auto]
 """
 
 from __future__ import annotations

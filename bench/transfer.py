@@ -167,7 +167,8 @@ def study(root: Path, out: Path, budget: str) -> list[str]:
         f"| run --space transfer --budget {budget}: wall time | {run_s:.0f} s |",
         f"| trials | {len(states)} ({counts}) |",
         f"| best val acc (trial {best.number}) | {best.value:.4f}: {json.dumps(best.params, sort_keys=True)} |",
-        f"| exported best, retrained: val acc | {metrics['val_acc']['mean'] if isinstance(metrics.get('val_acc'), dict) else metrics.get('val_acc')} |",
+        "| exported best, retrained: val acc | "
+        f"{metrics['val_acc']['mean'] if isinstance(metrics.get('val_acc'), dict) else metrics.get('val_acc')} |",
     ]
 
 

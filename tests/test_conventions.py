@@ -23,10 +23,8 @@ import yaml
 from optuna.trial import TrialState
 
 from catdog_hpo.cli import build_parser, main
-from catdog_hpo.data import DataSource
 from catdog_hpo.search.record import StudyKey
 from catdog_hpo.search.run import run
-from catdog_hpo.search.settings import RunSettings
 from catdog_hpo.search.study import count
 from helpers import TINY_SPACE
 from study_factory import run_settings as settings

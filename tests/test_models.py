@@ -88,14 +88,14 @@ def test_seed_cnn_defaults() -> None:
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 3
     assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 3
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(128 * 8 * 8, 512), (512, 2)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(128 * 8 * 8, 512), (512, 2)]
     assert any(isinstance(m, nn.Dropout) and m.p == 0.5 for m in model.modules())
 
 
 def test_fc_head_without_hidden_layer() -> None:
     model = build_model(_cnn(2, head="fc", fc_hidden=0), 2, 16)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(6 * 4 * 4, 2)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(6 * 4 * 4, 2)]
 
 
 @pytest.mark.parametrize("depth,size", [(4, 8), (6, 32), (2, 2), (1, 1)])

@@ -8,7 +8,6 @@ trial on, every trial failed.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import optuna
 import pytest

@@ -10,7 +10,6 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from catdog_hpo.data import DataSource
 from catdog_hpo.errors import UserError
 from catdog_hpo.search.limits import Limits
 from catdog_hpo.search.progress import pace

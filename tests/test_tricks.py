@@ -16,7 +16,6 @@ from torch import nn
 
 from catdog_hpo.config import AugmentConfig, OptimConfig, TrainConfig, TrialConfig, from_dict, to_dict, write_mapping
 from catdog_hpo.data import DataSource, ImageSet
-from catdog_hpo.engine import train as train_module
 from catdog_hpo.engine.augment import MEAN, STD, normalize_batch
 from catdog_hpo.engine.ema import WeightEMA
 from catdog_hpo.engine.models import build_model

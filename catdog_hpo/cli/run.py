@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from catdog_hpo.cli.common import STUDIES_DIR, add_data_args, add_deterministic_arg, add_device_arg, add_storage_arg, data_source, positive_int
+from catdog_hpo.cli.common import (STUDIES_DIR, add_data_args, add_deterministic_arg, add_device_arg, add_storage_arg,
+                                   data_source, positive_int)
 from catdog_hpo.cli.weights import add_weights_arg, weights_file
 from catdog_hpo.errors import UserError
 from catdog_hpo.search import choices

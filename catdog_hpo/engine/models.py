@@ -25,7 +25,7 @@ from catdog_hpo import config
 from catdog_hpo.config import SCRATCH_FAMILIES, TRANSFER_FAMILIES, BlockConfig, ModelConfig
 # The layer registries live in engine/layers.py (engine/resnet.py builds from them too); imported
 # here as well, so engine.models stays the one place to find every model registry.
-from catdog_hpo.engine.layers import ACTIVATIONS, HEADS, INITS, PADDINGS, POOLS, conv_side, init_weights
+from catdog_hpo.engine.layers import ACTIVATIONS, HEADS, PADDINGS, POOLS, conv_side, init_weights
 from catdog_hpo.engine.resnet import build_resnet
 from catdog_hpo.errors import ConfigError
 

@@ -3,8 +3,9 @@
 The hot loop: the decoded uint8 images live on the training device; every epoch is one
 ``randperm`` on the device, then chunks of many batches each augmented in one batched call on
 the device, and per batch forward, loss, backward, step (on CUDA one replay of a captured
-graph: ``engine.graphstep``). Validation is normalised once per trial and runs in fp32. Losses and the correct count accumulate in device tensors and are read ONCE per
-epoch; that read is where ``on_epoch_end`` runs (the study reports and prunes there).
+graph: ``engine.graphstep``). Validation is normalised once per trial and runs in fp32. Losses
+and the correct count accumulate in device tensors and are read ONCE per epoch; that read is
+where ``on_epoch_end`` runs (the study reports and prunes there).
 
 What happens around an epoch (history, best epoch, that one sync, a non-finite loss) is
 ``engine.epochs.run_epochs``, shared with the head-only path (``engine.heads``); the optimizer

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     import optuna
     from optuna.trial import FrozenTrial
-    from optuna.storages import BaseStorage, RDBStorage
+    from optuna.storages import BaseStorage
 
 # Seconds a SQLite connection waits for another writer's lock before failing.
 SQLITE_BUSY_TIMEOUT_S = 60

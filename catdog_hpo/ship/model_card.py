@@ -180,7 +180,7 @@ def render_card(doc: dict[str, Any] | None, m: dict[str, Any], retrain_command: 
         f"- Budget: {_v(s.get('budget'))}; target {_v(s.get('target_trials'))} finished trials",
         f"- Trials: {_v(trials.get('total'))} run, {_v(trials.get('complete'))} completed, {_v(trials.get('pruned'))} pruned "
         f"({_v(trials.get('rejected'))} of them rejected before training), {_v(trials.get('failed'))} failed",
-        f"- Baseline: " + (f"trial {base['trial']}, {_pct(base_acc)}" if base_acc is not None else
+        "- Baseline: " + (f"trial {base['trial']}, {_pct(base_acc)}" if base_acc is not None else
                            f"trial {base['trial']} ({base['state']}, no accuracy)" if base else NA)
         + f"; the best trial is {above} above it",
         f"- Chosen: trial {_v((s.get('picked') or {}).get('trial', (doc.get('trial') or {}).get('number')))}, "

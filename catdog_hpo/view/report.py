@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     import pandas as pd
     import plotly.graph_objects as go
     from optuna.storages import BaseStorage
-    from optuna.trial import FrozenTrial
 
 STATE_COLORS = {"COMPLETE": "#1f77b4", "PRUNED": "#ff7f0e", "RUNNING": "#2ca02c", "FAIL": "#d62728"}
 # Fewer completed trials than this and importances are noise: the report shows a note instead.
