@@ -1,4 +1,4 @@
-"""`--help` must answer without importing the heavy libraries (torch, optuna, plotly, pandas)."""
+"""`--help` must answer without importing the heavy libraries (torch, optuna, plotly, pandas, mlflow)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from catdog_hpo.cli import COMMANDS
 
-HEAVY = ("torch", "torchvision", "optuna", "plotly", "pandas", "optuna_dashboard")
+HEAVY = ("torch", "torchvision", "optuna", "plotly", "pandas", "optuna_dashboard", "mlflow")
 
 PROBE = """
 import sys

@@ -80,6 +80,14 @@ def add_storage_arg(p: argparse.ArgumentParser, what: str = "the study store") -
                    f"if set, else {DEFAULT_STORAGE})")
 
 
+def add_mlflow_args(p: argparse.ArgumentParser, what: str) -> None:
+    """--mlflow URI and --no-mlflow (catdog_hpo.search.tracking); ``what`` says what is logged."""
+    p.add_argument("--mlflow", default=None, metavar="URI",
+                   help=f"log to this MLflow tracking server or store: {what} (default: $MLFLOW_TRACKING_URI "
+                   "when set; needs the [mlflow] extra; docs/tracking.md)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow even when $MLFLOW_TRACKING_URI is set")
+
+
 def add_study_arg(p: argparse.ArgumentParser, help: str, required: bool = True) -> None:
     """--study NAME, also spelt --study-name as in Optuna's CLI."""
     p.add_argument("--study", "--study-name", dest="study", required=required, default=None,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from catdog_hpo.cli.common import STUDIES_DIR, add_data_args, add_deterministic_arg, add_device_arg, data_source, positive_int
+from catdog_hpo.cli.common import (STUDIES_DIR, add_data_args, add_deterministic_arg, add_device_arg, add_mlflow_args,
+                                   data_source, positive_int)
 from catdog_hpo.cli.weights import add_weights_arg, weights_file
 from catdog_hpo.ship.choices import TRAIN_ON
 
@@ -53,6 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="do not train: ship the search's own weights that `export --with-weights` saved beside "
                    "FILE (evaluate, save, export, model card: the model the search measured, in seconds)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_mlflow_args(p, "a run with the model files, metrics.json and the model card")
     p.set_defaults(handler=_handle)
 
 
@@ -71,6 +73,9 @@ def _source(args: argparse.Namespace):  # -> DataSource | None
 
 
 def _handle(args: argparse.Namespace) -> int:
+    from catdog_hpo.search.tracking import tracking_uri
+
+    mlflow = tracking_uri(args.mlflow, args.no_mlflow)  # a missing mlflow fails here, before training
     from catdog_hpo.ship.retrain import FORMATS, RetrainSettings, retrain
 
     settings = RetrainSettings(
@@ -81,6 +86,12 @@ def _handle(args: argparse.Namespace) -> int:
         deterministic=args.deterministic, no_train=args.no_train,
     )
     result = retrain(settings, log=_log)
+    if mlflow is not None:
+        from catdog_hpo.search.tracking import log_retrain
+
+        where = log_retrain(mlflow, result.out, args.config, result.metrics)
+        if where is not None:
+            print(f"mlflow: logged the model files, metrics.json and the model card to {where}")
     print(f"next: catdog-hpo predict --model {result.checkpoint} IMAGE|DIR ...")
     failed = [r for r in result.exports if not r.ok]
     return 1 if failed else 0

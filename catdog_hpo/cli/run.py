@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from catdog_hpo.cli.common import (STUDIES_DIR, add_data_args, add_deterministic_arg, add_device_arg, add_storage_arg,
-                                   data_source, positive_int)
+from catdog_hpo.cli.common import (STUDIES_DIR, add_data_args, add_deterministic_arg, add_device_arg, add_mlflow_args,
+                                   add_storage_arg, data_source, positive_int)
 from catdog_hpo.cli.weights import add_weights_arg, weights_file
 from catdog_hpo.errors import UserError
 from catdog_hpo.search import choices
@@ -72,6 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--keep-weights", type=int, default=3, metavar="K",
                    help="keep the best-epoch weights of the K most accurate trials, for export --with-weights "
                    "(default: 3; 0: none)")
+    add_mlflow_args(p, "the study as a parent run, each trial a child run with its per-epoch metrics")
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="YAML file whose keys are these flags (trials: 50, max-params: 1000000, ...); "
                    "flags on the command line override it; the study and its exports record it")
@@ -115,6 +116,9 @@ def _handle(args: argparse.Namespace) -> int:
             resolve_device("cuda")
         except UserError:
             raise UserError("--latency-device cuda: no CUDA GPU is available here (use --latency-device cpu)") from None
+    from catdog_hpo.search.tracking import tracking_uri
+
+    mlflow = tracking_uri(args.mlflow, args.no_mlflow)  # a missing mlflow fails here, before any data
     source = data_source(args)
     from catdog_hpo.search.budget import parse_duration
     from catdog_hpo.search.checkpoints import check_flags
@@ -164,5 +168,6 @@ def _handle(args: argparse.Namespace) -> int:
         deterministic=args.deterministic,
         objectives=objectives, latency_device=args.latency_device, run_config=run_config,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, keep_weights=args.keep_weights,
+        mlflow=mlflow,
     )
     return run(settings)

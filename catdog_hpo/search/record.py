@@ -75,6 +75,9 @@ class StudyKey:
     SAMPLERS_USED = "samplers_used"  # SAMPLERS keys in the order runs used them (a resume may switch)
     RUN_CONFIG = "run_config"  # run --config FILE: {"path": FILE, "values": its keys} (None: no file)
     BUDGET_S = "budget_s"  # run --budget: the study's wall-clock budget in seconds, across all runs
+    # run --mlflow: the study's parent run in MLflow, which every worker's trial runs nest under
+    # (search.tracking); written by the first tracked run, replaced if the run is gone
+    MLFLOW_RUN_ID = "mlflow_run_id"
 
 
 # Study system attribute (not shown by the dashboard): sampler streams handed out so far.
@@ -208,6 +211,7 @@ class StudyInfo:
     samplers_used: tuple[str, ...] = ()  # empty for a study made before the sampler could change
     run_config: dict[str, Any] | None = None
     budget_s: float | None = None
+    mlflow_run_id: str | None = None
 
     @classmethod
     def from_attrs(cls, name: str, attrs: dict[str, Any]) -> StudyInfo:
@@ -232,6 +236,7 @@ class StudyInfo:
             samplers_used=tuple(attrs.get(StudyKey.SAMPLERS_USED) or ()),
             run_config=attrs.get(StudyKey.RUN_CONFIG),
             budget_s=attrs.get(StudyKey.BUDGET_S),
+            mlflow_run_id=attrs.get(StudyKey.MLFLOW_RUN_ID),
         )
 
     @classmethod

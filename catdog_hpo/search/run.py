@@ -7,9 +7,11 @@ One worker runs in this process (``search.worker.work``), or K spawned worker pr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import TrialState
@@ -24,8 +26,11 @@ from catdog_hpo.search.record import StudyInfo, StudyKey
 from catdog_hpo.search.settings import RunSettings
 from catdog_hpo.search.space_files import base_image_size
 from catdog_hpo.search.storage import mask_password
-from catdog_hpo.search.study import baseline_trial, check_goal, count, open_study
+from catdog_hpo.search.study import Opened, baseline_trial, check_goal, count, open_study
 from catdog_hpo.search.worker import WorkerRestart, run_workers, work
+
+if TYPE_CHECKING:
+    from catdog_hpo.search.tracking import StudyRun
 
 
 def run(settings: RunSettings) -> int:
@@ -48,6 +53,7 @@ def run(settings: RunSettings) -> int:
     note = checkpoint_note(settings.storage, settings.study, settings.studies_dir, settings.checkpoint_dir)
     if note and settings.checkpoint_every:  # a server store without --checkpoint-dir
         print(note)
+    settings, tracked = _open_tracking(settings, opened)
     if grid:
         print(f"grid: {grid:,} points; this run stops after {target:,} of them"
               + (" (the whole grid)" if target == grid else f" (--trials {settings.trials})"))
@@ -56,15 +62,18 @@ def run(settings: RunSettings) -> int:
     deadline = time.time() + settings.timeout if settings.timeout else None
     # One worker runs here: signals wait for safe points. The parent of K workers only polls.
     previous = interrupts.install(allowed=settings.workers > 1)
+    ended = "FAILED"  # the MLflow parent run's status when this run stops
     try:
         if settings.workers == 1:
             work(settings, settings.devices[0], deadline, on_trial_end=progress.poll, opened=opened)
         else:
             run_workers(settings, deadline, progress)
+        ended = "FINISHED"
     except WorkerRestart as exc:  # one in-process worker: its CUDA context is gone with it
         raise UserError(f"CUDA error ({exc}); {exc.fate}: rerun the same command "
                         "to resume in a fresh process") from None
     except (KeyboardInterrupt, interrupts.Terminated):
+        ended = "KILLED"
         progress.close()
         finished, _, _ = count(study)
         print(f"interrupted at {finished}/{target or '-'} finished trials; the running trial was closed and "
@@ -72,9 +81,25 @@ def run(settings: RunSettings) -> int:
         return 130
     finally:
         interrupts.restore(previous)
+        if tracked is not None:
+            tracked.close(study, ended)
     progress.poll()
     progress.close()
     return _summary(study, target, since=progress.started)
+
+
+def _open_tracking(settings: RunSettings, opened: Opened) -> tuple[RunSettings, StudyRun | None]:
+    """The study's MLflow parent run (search.tracking), opened once here before any worker; a
+    server that does not answer is the one warning, and the workers then track nothing."""
+    if settings.mlflow is None:
+        return settings, None
+    from catdog_hpo.search.tracking import StudyRun
+
+    tracked = StudyRun.open(settings.mlflow, opened.study, opened.storage, settings.storage)
+    if tracked is None:
+        return dataclasses.replace(settings, mlflow=None), None
+    print(f"mlflow: logging to {tracked.where()} (the study's run; each trial a child run)")
+    return settings, tracked
 
 
 def _announce_budget(study: optuna.Study, settings: RunSettings) -> float | None:

@@ -47,6 +47,7 @@ class RunSettings:
     checkpoint_dir: Path | None = None  # --checkpoint-dir (None: beside a SQLite/journal file; search.checkpoints)
     checkpoint_every: int = 1  # --checkpoint-every: epochs between a trial's saved states (0: none)
     keep_weights: int = 3  # --keep-weights: completed trials whose best-epoch weights are kept
+    mlflow: str | None = None  # --mlflow URI or $MLFLOW_TRACKING_URI: where trials are tracked (search.tracking)
 
 
 def overrides_of(settings: RunSettings) -> dict[str, Any]:

@@ -9,7 +9,7 @@ before training, ``search.limits``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
 import torch
@@ -25,9 +25,13 @@ from catdog_hpo.search.spaces import Space, resolve
 if TYPE_CHECKING:
     from optuna.artifacts import FileSystemArtifactStore
 
+    from catdog_hpo.engine.epochs import EpochStats
     from catdog_hpo.search.budget import Guard
     from catdog_hpo.search.checkpoints import Checkpoints
     from catdog_hpo.search.pareto import ParetoRule
+
+
+EpochHook = Callable[[optuna.Trial, "EpochStats"], None]  # called at each epoch's end, after the report
 
 
 class TrialFailed(Exception):
@@ -68,6 +72,7 @@ def run_trial(
     goal: Goal = Goal(),
     guard: Guard | None = None,
     checkpoints: Checkpoints | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> float | list[float]:
     """Train one trial and return its value: the validation accuracy of its BEST epoch, the
     epoch retrain keeps (with ``goal.multi``: the list of its objective values, accuracy first,
@@ -81,8 +86,9 @@ def run_trial(
     TPE learns to propose fewer such configs. TrialFailed for a run without a value.
     ``checkpoints`` (search.checkpoints.Checkpoints): save the training state at epoch ends, and
     as the retry of an interrupted trial go on from its last one, its epochs reported again first.
+    ``on_epoch(trial, stats)``: called at each epoch's end after the report (MLflow's per-epoch metrics).
     """
-    from catdog_hpo.engine.train import EpochStats, fit
+    from catdog_hpo.engine.train import fit
 
     try:
         cfg = resolve(space, trial, overrides)
@@ -122,6 +128,8 @@ def run_trial(
                 _record_history(trial, history)
                 if goal.multi:
                     trial.set_user_attr(TrialKey.STOPPED_EARLY, stats.epoch)
+        if on_epoch is not None:  # once per epoch, beside the pruner's report: MLflow (search.tracking)
+            on_epoch(trial, stats)
         if prune:
             raise (_StoppedEarly if goal.multi else optuna.TrialPruned)(f"pruned after epoch {stats.epoch}")
 

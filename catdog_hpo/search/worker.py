@@ -33,7 +33,8 @@ from catdog_hpo.search.record import TrialKey
 from catdog_hpo.search.settings import RunSettings, goal_of, overrides_of
 from catdog_hpo.search.spaces import Space
 from catdog_hpo.search.study import Claim, Opened, claim_trial, open_study
-from catdog_hpo.search.trial import Goal, TrialFailed, run_trial
+from catdog_hpo.search.tracking import TrialRuns
+from catdog_hpo.search.trial import EpochHook, Goal, TrialFailed, run_trial
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -75,6 +76,7 @@ def work(settings: RunSettings, device: str, deadline: float | None,
                                 settings.checkpoint_every, settings.keep_weights)
     overrides = overrides_of(settings)
     clock, guard = _budget_guard(settings, study, device)
+    tracked = TrialRuns(settings.mlflow, study)  # MLflow child runs (does nothing without --mlflow)
     fails_in_a_row = rejects_in_a_row = proposed = admitted = 0
     while deadline is None or time.time() < deadline:
         interrupts.check()  # a signal that came during the last trial's store writes
@@ -86,9 +88,13 @@ def work(settings: RunSettings, device: str, deadline: float | None,
                 time.sleep(_POLL_S)
             continue
         # The heartbeat thread study.optimize runs too (ours is an ask/tell loop, for the budget).
-        with optuna_compat.heartbeat_thread(trial, storage):
-            state = _run_one(study, trial, space, overrides, images, settings.limits, store, goal_of(settings),
-                             guard, ckpts)
+        tracked.started(trial)
+        try:
+            with optuna_compat.heartbeat_thread(trial, storage):
+                state = _run_one(study, trial, space, overrides, images, settings.limits, store, goal_of(settings),
+                                 guard, ckpts, on_epoch=tracked.epoch)
+        finally:
+            tracked.ended(trial)  # its state as told, however it ended
         ckpts.tidy(study)  # the finished trial's checkpoint; weights that fell out of the top
         _release_memory(trial.number)  # cached blocks back to the driver: a neighbour's trial may need them
         fails_in_a_row = fails_in_a_row + 1 if state == TrialState.FAIL else 0
@@ -128,12 +134,13 @@ def _budget_guard(settings: RunSettings, study: optuna.Study, device: str) -> tu
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, space: Space, overrides: dict[str, Any],
              images: ImageProvider, limits: Limits, store: FileSystemArtifactStore, goal: Goal = Goal(),
-             guard: Guard | None = None, ckpts: checkpoints.Checkpoints | None = None) -> TrialState:
+             guard: Guard | None = None, ckpts: checkpoints.Checkpoints | None = None,
+             on_epoch: EpochHook | None = None) -> TrialState:
     """Run one claimed trial and tell the study how it ended; never leaves it RUNNING.
     WorkerRestart after a sticky CUDA error (the trial failed and, unless it was a retry
     already, its parameters queued again)."""
     try:
-        value = run_trial(trial, space, overrides, images, limits, store, goal, guard, ckpts)
+        value = run_trial(trial, space, overrides, images, limits, store, goal, guard, ckpts, on_epoch)
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         return TrialState.PRUNED
