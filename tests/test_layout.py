@@ -211,13 +211,13 @@ def test_modules_stay_short() -> None:
 
 def test_every_registry_matches_its_list_of_names() -> None:
     from catdog_hpo.cli import run as cli_run
-    from catdog_hpo.engine import models, optim
+    from catdog_hpo.engine import layers, mix, models, optim
     from catdog_hpo.search import choices, pruners, samplers
 
     pairs = [(optim.OPTIMIZERS, config.OPTIMIZERS), (optim.SCHEDULERS, config.SCHEDULERS),
              (models.ACTIVATIONS, config.ACTIVATIONS), (models.POOLS, config.POOLS),
              (models.HEADS, config.HEADS), (models.FAMILIES, config.FAMILIES),
-             (models.INITS, config.INITS), (models.PADDINGS, config.PADDINGS),
+             (layers.INITS, config.INITS), (models.PADDINGS, config.PADDINGS), (mix.MIXES, config.MIXES),
              (samplers.SAMPLERS, choices.SAMPLERS), (pruners.PRUNERS, choices.PRUNERS)]
     for registry, names in pairs:
         assert set(registry) == set(names)
