@@ -17,13 +17,13 @@ from catdog_hpo.engine.models import (
     ACTIVATIONS,
     FAMILIES,
     HEADS,
-    INITS,
     PADDINGS,
     POOLS,
     build_model,
     check_model,
     model_cost,
 )
+from catdog_hpo.engine.layers import INITS
 from catdog_hpo.engine.regularize import L1Penalised, with_l1
 from catdog_hpo.engine.resnet import BasicBlock
 from catdog_hpo import config as config_module

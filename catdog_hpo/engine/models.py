@@ -8,7 +8,7 @@ Public API:
   build_model(cfg, num_classes, image_size)    the nn.Module (checked first)
 
 Registries (plain dicts; keys match catdog_hpo.config's choices): FAMILIES here; ACTIVATIONS,
-POOLS, PADDINGS, INITS, HEADS in engine/layers.py (imported here too). No Optuna here.
+POOLS, PADDINGS, INITS, HEADS in engine/layers.py (all but INITS imported here). No Optuna here.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from torch import nn
 
 from catdog_hpo import config
 from catdog_hpo.config import SCRATCH_FAMILIES, TRANSFER_FAMILIES, BlockConfig, ModelConfig
-# The layer registries live in engine/layers.py (engine/resnet.py builds from them too); imported
-# here as well, so engine.models stays the one place to find every model registry.
+# The layer registries live in engine/layers.py (engine/resnet.py builds from them too); the
+# ones this module's builders use are imported here, the weight inits stay in layers.py.
 from catdog_hpo.engine.layers import ACTIVATIONS, HEADS, PADDINGS, POOLS, conv_side, init_weights
 from catdog_hpo.engine.resnet import build_resnet
 from catdog_hpo.errors import ConfigError
