@@ -103,15 +103,20 @@ def data_flags(args: argparse.Namespace) -> list[str] | None:
 def quick_subset(out: Path) -> Path:
     """A folder of links to the first QUICK_PER_CLASS images of each class of QUICK_DATA (the
     shared folder is read-only, and no image is copied)."""
-    subset = out / f"cifar10-catdog-{QUICK_PER_CLASS}"
-    for cls in sorted(p for p in QUICK_DATA.iterdir() if p.is_dir()):
-        dest = subset / cls.name
-        dest.mkdir(parents=True, exist_ok=True)
-        for image in sorted(cls.iterdir())[:QUICK_PER_CLASS]:
-            link = dest / image.name
+    return link_first(QUICK_DATA, out / f"cifar10-catdog-{QUICK_PER_CLASS}", QUICK_PER_CLASS)
+
+
+def link_first(classes: Path, dest: Path, per_class: int) -> Path:
+    """``dest/<class>/`` with links to the first ``per_class`` images (by name) of each class
+    folder of ``classes``; links already there are kept. Returns ``dest``."""
+    for cls in sorted(p for p in classes.iterdir() if p.is_dir()):
+        target = dest / cls.name
+        target.mkdir(parents=True, exist_ok=True)
+        for image in sorted(cls.iterdir())[:per_class]:
+            link = target / image.name
             if not link.exists():
                 link.symlink_to(image.resolve())
-    return subset
+    return dest
 
 
 def run_study(workdir: Path, name: str, flags: list[str]) -> dict[str, Any]:

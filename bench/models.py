@@ -134,16 +134,13 @@ def cifar_subset(cifar: Path, folder: Path) -> Path:
 
 def photos_subset(photos: Path, dest: Path) -> Path:
     """Links to the first QUICK_PHOTOS images of each class and split of the photo folder (its
-    train/val layout kept; bench/budget.py's quick_subset does the same for a folder without a
-    split). No image is copied; the shared folder stays read-only."""
+    train/val layout kept; bench/budget.py's link_first, once per split). No image is copied; the
+    shared folder stays read-only."""
+    sys.path.insert(0, str(BENCH))
+    import budget  # bench/budget.py
+
     for split, per_class in QUICK_PHOTOS.items():
-        for cls in sorted(p for p in (photos / split).iterdir() if p.is_dir()):
-            target = dest / split / cls.name
-            target.mkdir(parents=True, exist_ok=True)
-            for image in sorted(cls.iterdir())[:per_class]:
-                link = target / image.name
-                if not link.exists():
-                    link.symlink_to(image.resolve())
+        budget.link_first(photos / split, dest / split, per_class)
     return dest
 
 

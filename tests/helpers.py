@@ -10,6 +10,7 @@ Every writer is deterministic (seeded) and small (8-32 px), so tests stay fast.
 - ``write_fake_cifar`` / ``write_fake_pets``: a few images in the exact on-disk formats
   torchvision reads for CIFAR-10 and Oxford-IIIT Pet.
 - ``kaggle_path``: the shared 3,000-photo folder, or None when absent.
+- ``Proc``: a CLI process whose stdout and stderr go to files, and its ``finish``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import io
 import os
 import pickle
 import struct
+import subprocess
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +271,18 @@ TINY_SPACE: dict = {
     "blocks": {"depth": {"int": [1, 2]}, "channels": {"choices": [8, 16], "grid": [8]}},
     "params": {"optim.lr": {"float": [1e-3, 3e-2], "log": True, "grid": [3e-3, 1e-2, 3e-2]}},
 }
+
+
+@dataclass
+class Proc:
+    """A ``catdog-hpo`` process started by a test, its stdout and stderr going to files."""
+
+    popen: subprocess.Popen
+    out: Path
+    err: Path
+    wait_s: float  # seconds ``finish`` waits for the exit by default
+
+    def finish(self, timeout: float | None = None) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr) once the process has exited."""
+        code = self.popen.wait(timeout=self.wait_s if timeout is None else timeout)
+        return code, self.out.read_text(), self.err.read_text()

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -27,7 +26,7 @@ from catdog_hpo.engine.device import assign_gpus, parse_gpus
 from catdog_hpo.errors import UserError
 from catdog_hpo.search.study import count
 from concurrent_open import open_at_once
-from helpers import TINY_SPACE, write_image_folder
+from helpers import Proc, TINY_SPACE, write_image_folder
 
 TINY = TINY_SPACE
 # Trials of a few seconds (6 epochs on the 1,000 synthetic images), so a signal sent as soon as
@@ -59,17 +58,6 @@ def run_args(space: str, trials: int, *extra: str, data: tuple[str, str] = ("--d
             "--trials", str(trials), "--study", STUDY, "--device", "cpu", "--no-progress", *extra]
 
 
-@dataclass
-class Proc:
-    popen: subprocess.Popen
-    out: Path
-    err: Path
-
-    def finish(self, timeout: float = WAIT_S) -> tuple[int, str, str]:
-        code = self.popen.wait(timeout=timeout)
-        return code, self.out.read_text(), self.err.read_text()
-
-
 def start(cwd: Path, args: list[str], tag: str, prefix: list[str] | None = None) -> Proc:
     """``python -m catdog_hpo ARGS`` in ``cwd``; output to files (a full pipe would block it)."""
     out, err = cwd / f"{tag}.out", cwd / f"{tag}.err"
@@ -78,7 +66,7 @@ def start(cwd: Path, args: list[str], tag: str, prefix: list[str] | None = None)
         # Its own process group, so teardown can end its workers too; signals go to its pid only.
         popen = subprocess.Popen(cmd, cwd=cwd, stdout=o, stderr=e, start_new_session=True)
     _STARTED.append(popen)
-    return Proc(popen, out, err)
+    return Proc(popen, out, err, WAIT_S)
 
 
 def cli(cwd: Path, args: list[str], tag: str) -> tuple[int, str, str]:

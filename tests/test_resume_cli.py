@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -28,7 +27,7 @@ import yaml
 from optuna.trial import TrialState
 
 from catdog_hpo.search.record import TrialKey
-from helpers import TINY_SPACE
+from helpers import Proc, TINY_SPACE
 from test_postgres import Server, postgres  # noqa: F401  (the fixture: a fresh database; skips without a server)
 
 # 8 epochs of a tiny CNN at 16 px on the 1,000 synthetic images: well under a second each.
@@ -72,17 +71,6 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
             popen.wait()
 
 
-@dataclass
-class Proc:
-    popen: subprocess.Popen
-    out: Path
-    err: Path
-
-    def finish(self, timeout: float = WAIT_S) -> tuple[int, str, str]:
-        code = self.popen.wait(timeout=timeout)
-        return code, self.out.read_text(), self.err.read_text()
-
-
 def run_args(*extra: str, trials: int = 1) -> list[str]:
     return ["run", "--space", "eight.yaml", "--dataset", "synthetic", "--sampler", "random", "--pruner", "none",
             "--trials", str(trials), "--study", STUDY, "--device", "cpu", "--no-progress", "--heartbeat", "1", *extra]
@@ -98,7 +86,7 @@ def start(cwd: Path, args: list[str], tag: str, pause: tuple[int, int] | None = 
         popen = subprocess.Popen([sys.executable, "-m", "catdog_hpo", *args], cwd=cwd, stdout=o, stderr=e,
                                  env=env, start_new_session=True)
     _STARTED.append(popen)
-    return Proc(popen, out, err)
+    return Proc(popen, out, err, WAIT_S)
 
 
 def wait_paused(cwd: Path, proc: Proc) -> int:
