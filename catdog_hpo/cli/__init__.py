@@ -26,6 +26,7 @@ COMMANDS = {
     "predict": "predict",
     "dashboard": "dashboard",
     "report": "report",
+    "storage-proxy": "storage_proxy",
 }
 
 

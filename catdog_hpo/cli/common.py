@@ -75,8 +75,9 @@ def default_storage() -> str:
 def add_storage_arg(p: argparse.ArgumentParser, what: str = "the study store") -> None:
     """--storage; ``what`` says what this command does with the store, e.g. "the store to list"."""
     p.add_argument("--storage", default=default_storage(), metavar="URL",
-                   help=f"{what}: any URL Optuna takes (e.g. postgresql://user@host/db), or a journal "
-                   f"file for a shared filesystem (PATH.log or journal:///PATH) (default: ${STORAGE_ENV} "
+                   help=f"{what}: any URL Optuna takes (e.g. postgresql://user@host/db), a journal "
+                   f"file for a shared filesystem (PATH.log or journal:///PATH), redis://HOST:PORT/DB, or "
+                   f"grpc://HOST:PORT (a catdog-hpo storage-proxy) (default: ${STORAGE_ENV} "
                    f"if set, else {DEFAULT_STORAGE})")
 
 

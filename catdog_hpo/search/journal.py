@@ -19,13 +19,14 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 
 from optuna.storages import BaseStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from catdog_hpo.errors import UserError
+from catdog_hpo.files import file_lock
 from catdog_hpo.search import optuna_compat
 from catdog_hpo.search.optuna_compat import BaseHeartbeat
 
@@ -66,6 +67,11 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         self.grace_period = grace_period  # seconds; None = 2 x the interval, as RDBStorage
         self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
         self._beats = Path(f"{path}.heartbeats")
+
+    def study_lock(self, study_name: str) -> ContextManager[None]:
+        """The study-wide lock (search.locks.study_lock): a file lock beside the journal, one for
+        all its studies (claims take milliseconds)."""
+        return file_lock(study_lock_path(self.path))
 
     def record_heartbeat(self, trial_id: int) -> None:
         self._beats.mkdir(exist_ok=True)
@@ -110,11 +116,14 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self.heartbeat_stale_trial_callback
 
 
-def open_journal(path: Path, shown: str, *, create: bool, heartbeat_interval: int | None = None,
+def open_journal(url: str, shown: str, *, create: bool, heartbeat_interval: int | None = None,
                  grace_period: int | None = None,
                  heartbeat_stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
                  ) -> BaseStorage:
-    """The journal store at ``path``; ``create=False`` refuses a file that does not exist."""
+    """The journal store ``url`` names (search.storage.STORES); ``create=False`` refuses a file that
+    does not exist."""
+    path = journal_path(url)
+    assert path is not None, url
     if path.is_dir():
         raise UserError(f"--storage {shown}: {path} is a folder, not a journal file")
     if not create and not path.exists():

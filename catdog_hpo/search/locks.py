@@ -8,7 +8,10 @@
 
 Both are a file lock on ``<database>.lock`` beside a SQLite file (``sqlite_lock_path``, the one
 rule), an advisory lock on PostgreSQL and ``GET_LOCK`` on MySQL/MariaDB. Never nest them: two
-holds of the same lock file in one process wait on each other.
+holds of the same lock file in one process wait on each other. A store that is not a database
+(search.storage.STORES: journal file, Redis, gRPC proxy) brings its own study lock, a
+``study_lock(study_name)`` method, and needs no schema lock (no tables to create, or the proxy
+made them).
 """
 
 from __future__ import annotations
@@ -77,12 +80,15 @@ def schema_lock(url: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def study_lock(storage: BaseStorage, url: str, study_name: str) -> Iterator[None]:
-    """A lock shared by every worker of the study: a file lock beside a SQLite file, an
+    """A lock shared by every worker of the study: the store's own where it has one (journal
+    file, Redis, gRPC proxy: their ``study_lock`` method), a file lock beside a SQLite file, an
     advisory lock on PostgreSQL, GET_LOCK on MySQL/MariaDB (on ``storage``'s own engine)."""
-    from catdog_hpo.search.journal import journal_path, study_lock_path
-
-    journal = journal_path(url)  # a journal file store: a file lock beside the journal
-    path = study_lock_path(journal) if journal is not None else sqlite_lock_path(url)
+    own = getattr(storage, "study_lock", None)
+    if own is not None:
+        with own(study_name):
+            yield
+        return
+    path = sqlite_lock_path(url)
     if path is not None:
         with file_lock(path):
             yield

@@ -63,3 +63,32 @@ def bump_study_counter(storage: BaseStorage, study: optuna.Study, key: str) -> i
     value = int(storage.get_study_system_attrs(sid).get(key, 0))
     storage.set_study_system_attr(sid, key, value + 1)
     return value
+
+
+# --------------------------------------------------------------------------- the gRPC storage proxy
+# ``catdog-hpo storage-proxy`` (search.grpc_store) serves Optuna's storage service next to its own
+# (the study lock and heartbeats, which Optuna's protocol lacks) on one grpc.Server it builds
+# itself, with keepalive options: Optuna's ``run_grpc_proxy_server`` builds and starts its own
+# server, with no place for either. So it adds the servicer the way that function does.
+
+
+def add_storage_service(server: Any, storage: BaseStorage) -> None:
+    """Optuna's storage service (what ``GrpcStorageProxy`` talks to) for ``storage`` on ``server``."""
+    from optuna.storages._grpc import servicer
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
+
+    api_pb2_grpc.add_StorageServiceServicer_to_server(servicer.OptunaStorageProxyService(storage), server)
+
+
+def stale_trial_ids(storage: Any, study_id: int, grace_s: int) -> list[int]:
+    """The RUNNING trials of ``study_id`` in an ``RDBStorage`` whose last heartbeat is older than
+    ``grace_s`` seconds (on the database's clock). The proxy's clients each bring their own grace
+    period (their ``--heartbeat``), so the storage's own setting cannot be the one used:
+    ``RDBStorage._get_stale_trial_ids`` reads only these three attributes."""
+    import types
+
+    from optuna.storages import RDBStorage
+
+    view = types.SimpleNamespace(heartbeat_interval=grace_s, grace_period=grace_s,
+                                 scoped_session=storage.scoped_session)
+    return RDBStorage._get_stale_trial_ids(view, study_id)

@@ -4,10 +4,15 @@
 read-only commands (``studies``, ``show``, ``report``, ``dashboard``). For SQLite it sets a busy
 timeout and WAL journal mode, so the dashboard can read while ``run`` writes the same file
 without "database is locked" errors on either side.
+
+Stores that are not SQLAlchemy databases (a journal file, Redis, a gRPC storage proxy) are opened
+by the module ``STORES`` names for their URL scheme: the one place the code tells them apart.
+Each such store locks its own studies (a ``study_lock(study_name)`` method: search.locks).
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 import sqlite3
 import warnings
@@ -78,13 +83,12 @@ def open_storage(
     from optuna.storages import RDBStorage
 
     shown = mask_password(url)
-    from catdog_hpo.search.journal import journal_path, open_journal
-
-    journal = journal_path(url)
-    if journal is not None:
-        return open_journal(journal, shown, create=create, heartbeat_interval=heartbeat_interval,
-                            grace_period=grace_period,
-                            heartbeat_stale_trial_callback=heartbeat_stale_trial_callback)
+    opener = STORES.get(store_scheme(url))
+    if opener is not None:
+        module, function = opener.split(":")
+        return getattr(importlib.import_module(module), function)(
+            url, shown, create=create, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+            heartbeat_stale_trial_callback=heartbeat_stale_trial_callback)
     parsed = _parse_url(url, shown)
     url = _with_installed_driver(parsed, url)
     engine_kwargs: dict = {}
@@ -116,6 +120,26 @@ def open_storage(
     return storage
 
 
+# URL scheme -> "module:function" opening a store that is not a SQLAlchemy database, each with the
+# signature of open_journal (catdog_hpo.search.journal) and imported only when used (redis and grpc
+# need their extras). Any other scheme is a database URL for RDBStorage.
+STORES = {
+    "journal": "catdog_hpo.search.journal:open_journal",
+    "redis": "catdog_hpo.search.redis_store:open_redis",
+    "rediss": "catdog_hpo.search.redis_store:open_redis",  # Redis over TLS
+    "grpc": "catdog_hpo.search.grpc_store:open_grpc",
+}
+
+
+def store_scheme(url: str) -> str:
+    """The scheme of a --storage value: "journal" for a bare PATH.log too, "" for no scheme."""
+    from catdog_hpo.search.journal import SUFFIX
+
+    if "://" in url:
+        return url.split("://", 1)[0].lower()
+    return "journal" if url.endswith(SUFFIX) else ""
+
+
 def study_names(storage: BaseStorage) -> list[str]:
     """The names of the studies in ``storage``, oldest first."""
     import optuna
@@ -142,14 +166,16 @@ def _parse_url(url: str, shown: str):  # -> sqlalchemy.engine.URL
     if not isinstance(url, str) or "://" not in url:
         raise UserError(
             f"--storage {shown!r}: not a storage URL (e.g. sqlite:///studies/catdog.db, "
-            "postgresql://user@host/db, mysql+pymysql://user@host/db, a journal file studies/catdog.log)"
+            "postgresql://user@host/db, mysql+pymysql://user@host/db, a journal file studies/catdog.log, "
+            "redis://host:6379/0, grpc://host:13000)"
         )
     try:
         parsed = sqlalchemy.engine.make_url(url)
         parsed.get_dialect()
     except sqlalchemy.exc.NoSuchModuleError:
         scheme = url.split("://", 1)[0]
-        raise UserError(f"--storage {shown}: unknown scheme {scheme!r} (use sqlite, postgresql, mysql or journal)") from None
+        raise UserError(f"--storage {shown}: unknown scheme {scheme!r} (use sqlite, postgresql, mysql, "
+                        f"{', '.join(STORES)})") from None
     except sqlalchemy.exc.ArgumentError as exc:
         raise UserError(f"--storage {shown}: cannot parse it ({mask_password(_first_line(exc))})") from None
     except ImportError as exc:
