@@ -16,10 +16,16 @@ suggestions, four attributes, E x (report + should_prune), four more attributes,
 Backends: SQLite as `run` opens it, and "sqlite-default" (what Optuna gives a plain
 ``sqlite:///`` URL: rollback journal, 5 s busy timeout) for comparison; PostgreSQL on
 127.0.0.1:5432 and MariaDB on 127.0.0.1:3306 when they answer (a fresh database each, dropped
-afterwards). Workers are forked after the imports, so start-up costs nothing here.
+afterwards); Redis on 127.0.0.1:6379 (``redis://``, a fresh key prefix each, deleted afterwards);
+"grpc-postgres": a fresh PostgreSQL database served by ``catdog-hpo storage-proxy`` (a subprocess
+on a free port), the workers on ``grpc://``. Workers are forked after the imports (spawned for
+gRPC, whose channels must not cross a fork; the barrier still keeps start-up out of the time).
 
 Run: .venv/bin/python bench/storage.py [--trials 200] [--workers 1 4 8] [--epochs 3]
-     [--backends sqlite sqlite-default postgres mariadb] [--work-ms 0]
+     [--backends sqlite sqlite-default postgres mariadb redis grpc-postgres] [--work-ms 0]
+     [--wide-workers 16] (more worker counts for postgres and grpc-postgres only)
+PostgreSQL directly vs through the proxy, 16 workers only:
+     .venv/bin/python bench/storage.py --backends postgres grpc-postgres --workers 16 --wide-workers
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import shutil
+import re
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -175,8 +183,10 @@ def measure(backend: str, url: str, workers: int, trials: int, epochs: int, work
     plain = backend == "sqlite-default"
     setup = open_plain_sqlite(url) if plain else open_storage(url)
     optuna.create_study(study_name=STUDY, storage=setup, direction="maximize")
-    setup.engine.dispose()  # no connection may cross the fork
-    ctx = mp.get_context("fork")  # after the imports: worker start-up is not what is measured
+    _close(setup)  # no connection may cross the fork
+    # Forked after the imports: worker start-up is not what is measured (the barrier keeps it out
+    # for spawned gRPC workers too: gRPC's channels do not survive a fork).
+    ctx = mp.get_context("spawn" if url.startswith("grpc://") else "fork")
     barrier, results = ctx.Barrier(workers + 1), ctx.Queue()
     procs = [ctx.Process(target=worker, args=(url, plain, trials, epochs, work_s, i, barrier, results))
              for i in range(workers)]
@@ -189,7 +199,7 @@ def measure(backend: str, url: str, workers: int, trials: int, epochs: int, work
         p.join()
     check = open_plain_sqlite(url) if plain else open_storage(url)
     states = [t.state for t in optuna.load_study(study_name=STUDY, storage=check).get_trials(deepcopy=False)]
-    check.engine.dispose()
+    _close(check)
     finished = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
     seconds = max((o.last_tell for o in outs), default=t0) - t0
     own_per_trial = sum(o.own_s for o in outs) / max(finished, 1)
@@ -198,6 +208,14 @@ def measure(backend: str, url: str, workers: int, trials: int, epochs: int, work
     return Row(backend, workers, trials, seconds, finished, overhead * 1000, lost,
                states.count(TrialState.FAIL), sum(o.locked for o in outs),
                [e for o in outs for e in o.other_errors])
+
+
+def _close(storage: Any) -> None:
+    """Drop ``storage``'s connections: an RDB engine's pool, a gRPC channel (Redis: none kept)."""
+    if hasattr(storage, "engine"):
+        storage.engine.dispose()
+    elif hasattr(storage, "close"):
+        storage.close()
 
 
 # --------------------------------------------------------------------------- backends
@@ -218,8 +236,10 @@ class Backend:
         self.name = name
         self._dir = Path(tempfile.mkdtemp(prefix="catdog-bench-storage-"))
         self._dbs: list[str] = []
+        self._prefixes: list[str] = []
+        self._proxies: list[subprocess.Popen] = []
         self._admin: Any = None
-        if name == "postgres":
+        if name in ("postgres", "grpc-postgres"):
             import psycopg2
 
             self._admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
@@ -233,14 +253,41 @@ class Backend:
         name = f"catdog_bench_{uuid.uuid4().hex[:10]}"
         if self.name.startswith("sqlite"):
             return f"sqlite:///{self._dir}/{name}.db"
+        if self.name == "redis":
+            self._prefixes.append(name)
+            return f"redis://127.0.0.1:6379/0?prefix={name}"
         self._admin.cursor().execute(f"CREATE DATABASE {name}")
         self._dbs.append(name)
         if self.name == "postgres":
             return f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+        if self.name == "grpc-postgres":
+            return self._proxy(f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}")
         return f"mysql+pymysql://root@127.0.0.1:3306/{name}"
 
+    def _proxy(self, url: str) -> str:
+        """`catdog-hpo storage-proxy` for ``url`` on a free port; its grpc:// URL."""
+        proc = subprocess.Popen([sys.executable, "-m", "catdog_hpo", "storage-proxy", "--storage", url, "--port", "0"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._proxies.append(proc)
+        line = proc.stdout.readline()  # its first line says where the workers connect
+        found = re.search(r"--storage (grpc://\S+)", line)
+        if found is None:
+            raise RuntimeError(f"storage-proxy did not start: {line}")
+        return found.group(1)
+
     def close(self) -> None:
-        force = " WITH (FORCE)" if self.name == "postgres" else ""
+        for proc in self._proxies:
+            proc.terminate()
+            proc.wait(timeout=30)
+        if self._prefixes:
+            import redis
+
+            client = redis.Redis(host="127.0.0.1", port=6379)
+            for prefix in self._prefixes:
+                keys = list(client.scan_iter(f"{prefix}*"))
+                if keys:
+                    client.delete(*keys)
+        force = " WITH (FORCE)" if self.name in ("postgres", "grpc-postgres") else ""
         for name in self._dbs:
             self._admin.cursor().execute(f"DROP DATABASE IF EXISTS {name}{force}")
         if self._admin is not None:
@@ -258,6 +305,12 @@ def available(name: str) -> str | None:
         if not _reachable(3306):
             return "no server on 127.0.0.1:3306"
         return None if _importable("pymysql") else "pymysql not installed"
+    if name == "redis":
+        if not _reachable(6379):
+            return "no server on 127.0.0.1:6379"
+        return None if _importable("redis") else "redis not installed (the [redis] extra)"
+    if name == "grpc-postgres":
+        return available("postgres") or (None if _importable("grpc") else "grpcio not installed (the [grpc] extra)")
     return None
 
 
@@ -286,10 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 4, 8], help="worker counts (default: 1 4 8)")
     p.add_argument("--epochs", type=int, default=3, help="reports per trial (default: 3)")
     p.add_argument("--work-ms", type=float, default=0.0, help="simulated training per epoch, ms (default: 0)")
-    p.add_argument("--backends", nargs="+", default=["sqlite", "postgres", "mariadb", "sqlite-default"],
-                   choices=["sqlite", "sqlite-default", "postgres", "mariadb"])
+    p.add_argument("--backends", nargs="+",
+                   default=["sqlite", "postgres", "mariadb", "redis", "grpc-postgres", "sqlite-default"],
+                   choices=["sqlite", "sqlite-default", "postgres", "mariadb", "redis", "grpc-postgres"])
     p.add_argument("--default-workers", type=int, nargs="+", default=[8],
                    help="worker counts for sqlite-default (default: 8)")
+    p.add_argument("--wide-workers", type=int, nargs="*", default=[16],
+                   help="more worker counts for postgres and grpc-postgres only: PostgreSQL directly vs "
+                   "through the proxy (default: 16)")
     args = p.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     rows: list[Row] = []
@@ -300,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         backend = Backend(name)
         try:
-            for workers in args.default_workers if name == "sqlite-default" else args.workers:
+            counts = args.default_workers if name == "sqlite-default" else args.workers
+            if name in ("postgres", "grpc-postgres"):
+                counts = counts + [w for w in args.wide_workers if w not in counts]
+            for workers in counts:
                 row = measure(name, backend.new(), workers, args.trials, args.epochs, args.work_ms / 1000)
                 rows.append(row)
                 print(f"{name} x{workers}: {row.finished}/{row.trials} trials in {row.seconds:.1f} s"
