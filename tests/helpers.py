@@ -40,12 +40,14 @@ def kaggle_path() -> Path | None:
 # ----------------------------------------------------------------------------- good images
 
 
-def class_pixels(label: int, n_classes: int, size: int, rng: np.random.Generator) -> np.ndarray:
+def class_pixels(label: int, n_classes: int, size: int, rng: np.random.Generator,
+                 saturation: float = 0.8) -> np.ndarray:
     """uint8 size x size x 3: the hue of class ``label`` with stripes in its own direction.
 
     Colour alone separates the classes (a tiny model learns it in an epoch); stripes give a
-    second, spatial cue. Brightness, stripe phase and pixel noise vary per image."""
-    r, g, b = colorsys.hsv_to_rgb(label / n_classes, 0.8, 0.9)
+    second, spatial cue. Brightness, stripe phase and pixel noise vary per image. A low
+    ``saturation`` (0.8: vivid) leaves the hue a faint cue, so a few steps learn it only partly."""
+    r, g, b = colorsys.hsv_to_rgb(label / n_classes, saturation, 0.9)
     base = np.array([r, g, b], dtype=np.float32) * rng.uniform(0.75, 1.0)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     direction = (xx, yy, xx + yy, xx - yy)[label % 4]  # vertical, horizontal, diagonal stripes
@@ -61,12 +63,13 @@ def _write_pixels(path: Path, pixels: np.ndarray) -> None:
 
 
 def write_class_dir(
-    folder: Path, label: int, n_classes: int, n: int, size: int, rng: np.random.Generator, ext: str = "png"
+    folder: Path, label: int, n_classes: int, n: int, size: int, rng: np.random.Generator, ext: str = "png",
+    saturation: float = 0.8,
 ) -> list[Path]:
-    """``n`` images of class ``label`` as ``folder``/000.<ext>, 001.<ext>, ..."""
+    """``n`` images of class ``label`` as ``folder``/000.<ext>, 001.<ext>, ... (class_pixels)"""
     paths = [folder / f"{i:03d}.{ext}" for i in range(n)]
     for p in paths:
-        _write_pixels(p, class_pixels(label, n_classes, size, rng))
+        _write_pixels(p, class_pixels(label, n_classes, size, rng, saturation))
     return paths
 
 
@@ -79,21 +82,23 @@ def write_image_folder(
     seed: int = 0,
     ext: str = "png",
     n_val_per_class: int | None = None,
+    saturation: float = 0.8,
 ) -> Path:
     """A learnable image folder at ``root``; returns ``root``.
 
     split=True: root/train/<class>/ with ``n_per_class`` images each and root/val/<class>/
     with ``n_val_per_class`` (default: half as many, at least 2). split=False: root/<class>/
     with ``n_per_class`` each. ``ext`` "png" is lossless (exact pixels); "jpg" works too.
+    ``saturation``: how vivid the class colours are (class_pixels).
     """
     rng = np.random.default_rng(seed)
     n_val = n_val_per_class if n_val_per_class is not None else max(2, n_per_class // 2)
     for label, name in enumerate(classes):
         if split:
-            write_class_dir(root / "train" / name, label, len(classes), n_per_class, size, rng, ext)
-            write_class_dir(root / "val" / name, label, len(classes), n_val, size, rng, ext)
+            write_class_dir(root / "train" / name, label, len(classes), n_per_class, size, rng, ext, saturation)
+            write_class_dir(root / "val" / name, label, len(classes), n_val, size, rng, ext, saturation)
         else:
-            write_class_dir(root / name, label, len(classes), n_per_class, size, rng, ext)
+            write_class_dir(root / name, label, len(classes), n_per_class, size, rng, ext, saturation)
     return root
 
 
