@@ -6,7 +6,9 @@ retrain --no-train -> predict).
 
 Where the stop lands is made exact, not raced: a ``sitecustomize`` on the runs' PYTHONPATH
 (every process, spawned workers too) pauses the process that saved trial T's state after epoch
-E and writes its pid to a file; the test then sends the real signal to that pid.
+E and writes its pid to a file; the test then sends the real signal to that pid. Or it sends
+the signal itself, from inside trial T's report of epoch E to the pruner (before that epoch's
+save: the stop must wait for the save).
 """
 
 from __future__ import annotations
@@ -52,6 +54,18 @@ if os.environ.get("CATDOG_TEST_PAUSE"):
         return ok
 
     resume.save = save
+if os.environ.get("CATDOG_TEST_SIGNAL"):
+    trial_n, epoch_n, signum = (int(x) for x in os.environ["CATDOG_TEST_SIGNAL"].split(":"))
+    import signal
+    import optuna
+    _report = optuna.trial.Trial.report
+
+    def report(self, value, step):
+        _report(self, value, step)
+        if self.number == trial_n and step == epoch_n:
+            signal.raise_signal(signum)  # the handler runs now, in the report's store writes
+
+    optuna.trial.Trial.report = report
 '''
 
 
@@ -76,11 +90,18 @@ def run_args(*extra: str, trials: int = 1) -> list[str]:
             "--trials", str(trials), "--study", STUDY, "--device", "cpu", "--no-progress", "--heartbeat", "1", *extra]
 
 
-def start(cwd: Path, args: list[str], tag: str, pause: tuple[int, int] | None = None) -> Proc:
+def start(cwd: Path, args: list[str], tag: str, pause: tuple[int, int] | None = None,
+          signal_in_report: tuple[int, int, signal.Signals] | None = None) -> Proc:
+    """``pause=(T, E)``: pause after trial T's save of epoch E (``wait_paused``).
+    ``signal_in_report=(T, E, sig)``: the run sends itself ``sig`` while trial T reports epoch E."""
     env = dict(os.environ)
-    if pause is not None:
+    if pause is not None or signal_in_report is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(cwd / "hook"), env.get("PYTHONPATH", "")])
+    if pause is not None:
         env["CATDOG_TEST_PAUSE"] = f"{pause[0]}:{pause[1]}:{cwd / 'paused.pid'}"
+    if signal_in_report is not None:
+        trial, epoch, sig = signal_in_report
+        env["CATDOG_TEST_SIGNAL"] = f"{trial}:{epoch}:{int(sig)}"
     out, err = cwd / f"{tag}.out", cwd / f"{tag}.err"
     with open(out, "w") as o, open(err, "w") as e:
         popen = subprocess.Popen([sys.executable, "-m", "catdog_hpo", *args], cwd=cwd, stdout=o, stderr=e,
@@ -171,6 +192,27 @@ def test_a_stopped_trial_resumes_at_the_next_epoch(workdir: Path, reference: opt
     # Housekeeping: the finished trial's state is gone; its best-epoch weights stay (top 3).
     left = sorted(p.name for p in folder(workdir / "studies").iterdir())
     assert left == [study.trials[1].user_attrs[TrialKey.WEIGHTS_FILE]] and left[0].startswith("best-1-")
+
+
+def test_a_signal_during_an_epochs_report_waits_for_its_checkpoint(workdir: Path,
+                                                                  reference: optuna.trial.FrozenTrial) -> None:
+    # Ctrl-C while epoch 5 is reported (search.interrupts holds it over the store writes): it
+    # stops the trial only after epoch 5 is saved, so no epoch is lost and the retry does not
+    # warn "checkpoint ignored". (It once stopped the trial right after the report: epoch 4.)
+    proc = start(workdir, run_args(), "a", signal_in_report=(0, 5, signal.SIGINT))
+    code, _, err = proc.finish()
+    assert code == 130, err
+    first, queued = load(workdir).trials
+    assert first.state == TrialState.FAIL and queued.state == TrialState.WAITING
+    assert sorted(first.intermediate_values) == [1, 2, 3, 4, 5]  # stopped in epoch 5's end, not in 6
+    state = saved(folder(workdir / "studies") / first.user_attrs[TrialKey.CHECKPOINT])
+    assert state["epoch"] == 5
+
+    code, out, err = start(workdir, run_args(), "b").finish()
+    assert code == 0, err
+    assert "warning" not in err
+    assert_resumed(load(workdir).trials[1], reference, 0, state["history"])
+    assert "resumed trial 0 after epoch 5" in out
 
 
 def test_a_damaged_checkpoint_is_ignored_with_one_warning(workdir: Path, reference: optuna.trial.FrozenTrial) -> None:

@@ -7,11 +7,14 @@ ONE device->host sync of the epoch (the training loss, validation loss and accur
 together). A non-finite loss ends the run (status "non_finite"; that epoch is not in the
 history). Otherwise the schedule steps on the validation loss, the epoch joins the history, the
 weights are copied when its accuracy beats the best so far (the first epoch on a tie), and
-``on_epoch_end`` runs: the study reports and prunes there, and what it raises propagates.
+``on_epoch_end`` runs: the study reports and prunes there, and what it raises propagates. Then
+the fit's checkpoint is saved; the two together are the epoch's end, which runs inside the
+caller's ``EpochEndGuard`` (the search holds Ctrl-C there until the epoch is saved).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -19,6 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
+
+
+# What each epoch's end (its ``on_epoch_end``, then its checkpoint save) runs inside, made anew
+# per epoch. The search passes ``interrupts.deferred``: a Ctrl-C that arrives during the report
+# must wait until the epoch is saved too, or the retry starts an epoch earlier (no Optuna here,
+# so the engine only knows that the block exists).
+EpochEndGuard = Callable[[], contextlib.AbstractContextManager[None]]
 
 
 @dataclass(frozen=True)
@@ -76,12 +86,14 @@ class EpochLoop(Protocol):
 def run_epochs(loop: EpochLoop, epochs: int, on_epoch_end: Callable[[EpochStats], None] | None,
                progress: Progress | None = None,
                after_report: Callable[[int, Progress], None] | None = None,
-               bar: Any = None) -> FitResult:
+               bar: Any = None, epoch_end_guard: EpochEndGuard | None = None) -> FitResult:
     """Run ``loop`` from the epoch after ``progress``'s last up to ``epochs`` (see the module's rule).
 
     ``after_report(epoch, progress)`` runs after ``on_epoch_end`` (fit checkpoints there, so a
     pruned epoch is not saved); ``bar`` is a tqdm bar (or None) that shows the epoch and its accuracy.
+    ``epoch_end_guard()``: the context both run inside, each epoch (``EpochEndGuard``).
     """
+    guard = epoch_end_guard if epoch_end_guard is not None else contextlib.nullcontext
     p = progress if progress is not None else Progress()
     for epoch in range(len(p.history) + 1, epochs + 1):
         if bar is not None:
@@ -103,8 +115,9 @@ def run_epochs(loop: EpochLoop, epochs: int, on_epoch_end: Callable[[EpochStats]
             p.best_epoch, p.best_acc, p.best_state = epoch, val_acc, loop.snapshot()
         if bar is not None:
             bar.set_postfix(val_acc=f"{val_acc:.3f}", refresh=False)
-        if on_epoch_end is not None:
-            on_epoch_end(stats)  # may raise (the study's TrialPruned): it propagates unchanged
-        if after_report is not None:
-            after_report(epoch, p)
+        with guard():  # the report and the save as one step: a stop held over the report lands after the save
+            if on_epoch_end is not None:
+                on_epoch_end(stats)  # may raise (the study's TrialPruned): it propagates unchanged
+            if after_report is not None:
+                after_report(epoch, p)
     return FitResult("completed", p.history, p.best_epoch, p.best_acc, p.best_state)

@@ -18,7 +18,7 @@ be extracted anew every epoch, which is what this path exists to avoid.
 Public API:
   applies(cfg)                                  True when a trial can take this path
   load_features(cfg, data, device, cache_dir)   the cached FeatureSet (extracting it if needed)
-  fit_frozen(cfg, data, device, cache_dir, on_epoch_end, progress)   fit() for this path
+  fit_frozen(cfg, data, device, cache_dir, on_epoch_end, progress, epoch_end_guard)   fit() for this path
 No Optuna here.
 """
 
@@ -40,7 +40,7 @@ from torch import nn
 
 from catdog_hpo.config import TRANSFER_FAMILIES, TrialConfig, to_dict
 from catdog_hpo.data import ImageSet
-from catdog_hpo.engine.epochs import EpochStats, FitResult, run_epochs
+from catdog_hpo.engine.epochs import EpochEndGuard, EpochStats, FitResult, run_epochs
 from catdog_hpo.engine.extract import extract
 from catdog_hpo.engine.optim import OPTIMIZERS, SCHEDULERS, Schedule
 from catdog_hpo.engine.regularize import with_l1
@@ -157,18 +157,20 @@ def load_features(cfg: TrialConfig, data: ImageSet, device: torch.device, cache_
 
 
 def fit_frozen(cfg: TrialConfig, data: ImageSet, device: torch.device, cache_dir: Path,
-               on_epoch_end: Callable[[EpochStats], None] | None, progress: bool) -> FitResult:
+               on_epoch_end: Callable[[EpochStats], None] | None, progress: bool,
+               epoch_end_guard: EpochEndGuard | None = None) -> FitResult:
     """``train.fit`` for a frozen backbone: the same FitResult (best_state holds the whole model:
     backbone weights unchanged, the best epoch's head), trained on cached features."""
     from catdog_hpo.engine.models import build_model
 
     model = build_model(cfg.model, len(data.classes), data.image_size)
     feats = load_features(cfg, data, device, cache_dir, model)
-    return fit_head(cfg, model, feats, device, on_epoch_end, progress)
+    return fit_head(cfg, model, feats, device, on_epoch_end, progress, epoch_end_guard)
 
 
 def fit_head(cfg: TrialConfig, model: nn.Module, feats: FeatureSet, device: torch.device,
-             on_epoch_end: Callable[[EpochStats], None] | None, progress: bool = False) -> FitResult:
+             on_epoch_end: Callable[[EpochStats], None] | None, progress: bool = False,
+             epoch_end_guard: EpochEndGuard | None = None) -> FitResult:
     """Train ``model.fc`` on ``feats`` for cfg.train.epochs epochs; keep the best epoch. Seeded
     like fit (call it after torch.manual_seed, as fit does). ``progress`` is accepted for fit's
     signature; there is no bar: an epoch takes milliseconds. The epochs run in fit's own loop
@@ -186,7 +188,7 @@ def fit_head(cfg: TrialConfig, model: nn.Module, feats: FeatureSet, device: torc
         criterion=with_l1(nn.CrossEntropyLoss(label_smoothing=o.label_smoothing), params, o.l1), gen=gen,
         train_f=feats.train.to(device), train_y=feats.train_y.to(device),
         val_f=feats.val.to(device), val_y=feats.val_y.to(device), n_batches=n_batches)
-    result = run_epochs(loop, t.epochs, on_epoch_end)
+    result = run_epochs(loop, t.epochs, on_epoch_end, epoch_end_guard=epoch_end_guard)
     # the runner kept the head's weights (a copy of the backbone each best epoch would be wasted)
     result.best_state = _whole(model, result.best_state)
     return result

@@ -30,7 +30,7 @@ from catdog_hpo.data import ImageSet
 from catdog_hpo.engine import heads, resume
 from catdog_hpo.engine.augment import augment_batch, normalize_batch
 from catdog_hpo.engine.ema import WeightEMA, averaged
-from catdog_hpo.engine.epochs import EpochStats, FitResult, Progress, run_epochs
+from catdog_hpo.engine.epochs import EpochEndGuard, EpochStats, FitResult, Progress, run_epochs
 from catdog_hpo.engine.optim import OPTIMIZERS, SCHEDULERS, Schedule
 from catdog_hpo.engine.regularize import with_l1
 from catdog_hpo.engine.tta import tta_forward
@@ -262,10 +262,9 @@ def _progress_bar(enabled: bool, total: int) -> Any:
     return tqdm(total=total, unit="batch", leave=False, dynamic_ncols=True)
 
 
-def _run(cfg: TrialConfig, data: ImageSet, device: torch.device,
-         on_epoch_end: Callable[[EpochStats], None] | None, model: nn.Module | None,
-         progress: bool, runtime: Runtime | None, feature_cache: Path | None = None,
-         ck: resume.CheckpointSpec = resume.CheckpointSpec()) -> FitResult:
+def _run(cfg: TrialConfig, data: ImageSet, device: torch.device, on_epoch_end: Callable[[EpochStats], None] | None,
+         model: nn.Module | None, progress: bool, runtime: Runtime | None, feature_cache: Path | None = None,
+         ck: resume.CheckpointSpec = resume.CheckpointSpec(), epoch_end_guard: EpochEndGuard | None = None) -> FitResult:
     check_optim(cfg.optim)
     if data.train_x.shape[0] == 0 or data.val_x.shape[0] == 0:
         raise UserError(f"data: {data.train_x.shape[0]} training and {data.val_x.shape[0]} "
@@ -274,7 +273,7 @@ def _run(cfg: TrialConfig, data: ImageSet, device: torch.device,
     if model is None and feature_cache is not None and heads.applies(cfg):
         # frozen backbone: train the head on cached backbone features (engine/heads.py). Not
         # checkpointed: its epochs take seconds, and its state is the features' draw as well.
-        return heads.fit_frozen(cfg, data, device, feature_cache, on_epoch_end, progress)
+        return heads.fit_frozen(cfg, data, device, feature_cache, on_epoch_end, progress, epoch_end_guard)
     if model is None:
         model = build_model(cfg.model, len(data.classes), data.image_size)
     loop = _make_loop(cfg, data, device, model, runtime or for_device(device, cfg.train))
@@ -288,7 +287,7 @@ def _run(cfg: TrialConfig, data: ImageSet, device: torch.device,
     if loop.bar is not None:
         loop.bar.update(len(start.history) * loop.n_batches)
     try:
-        result = run_epochs(loop, epochs, on_epoch_end, start, _saver(ck, loop, epochs), loop.bar)
+        result = run_epochs(loop, epochs, on_epoch_end, start, _saver(ck, loop, epochs), loop.bar, epoch_end_guard)
     finally:
         if loop.bar is not None:
             loop.bar.close()
@@ -322,6 +321,7 @@ def fit(
     runtime: Runtime | None = None,
     feature_cache: Path | None = None,
     checkpoint: resume.CheckpointSpec | None = None,
+    epoch_end_guard: EpochEndGuard | None = None,
 ) -> FitResult:
     """Train ``cfg`` on ``data`` for cfg.train.epochs epochs on ``device``; keep the best epoch.
 
@@ -335,12 +335,13 @@ def fit(
     its head on cached backbone features (``engine.heads``), seconds instead of minutes.
     ``checkpoint`` (``engine.resume``): save the training state at epoch ends, and go on from a
     saved one; the history then holds the saved epochs too, and ``on_epoch_end`` sees only new ones.
+    ``epoch_end_guard()`` (``engine.epochs.EpochEndGuard``): what each epoch's report and save run inside.
     ``train.ema``: validation, ``best_state`` and a completed fit's model are the weights' average;
     ``augment.tta``: validation flip-averages (engine/ema.py, tta.py; the head-only path ignores both).
     """
     try:
         return _run(cfg, data, device, on_epoch_end, model, progress, runtime, feature_cache,
-                    checkpoint or resume.CheckpointSpec())
+                    checkpoint or resume.CheckpointSpec(), epoch_end_guard)
     except Exception as exc:  # out of memory, a CUDA error, a prune: the caller handles it
         # The traceback's frames hold the model, optimizer state and batches; drop their locals
         # so the caller can free the device memory while it handles the error.

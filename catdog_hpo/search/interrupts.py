@@ -4,7 +4,10 @@ A signal that lands in the middle of an SQLAlchemy commit can leave the session 
 then the running trial could not be closed. So the handler raises at once only inside code
 marked ``allowed()`` (training, sleeping); anywhere else the signal waits, and ``check()`` (or
 the end of the enclosing ``allowed()`` block's store writes, ``deferred()``) raises it at the
-next safe point. Plain Python without this module installed behaves as usual.
+next safe point. ``deferred()`` blocks nest, and only the outermost raises at its end: a trial
+holds the whole end of an epoch (its report to the pruner inside, then its checkpoint save) in
+one, so a stop never lands between the two and loses the epoch. Plain Python without this
+module installed behaves as usual.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ class Terminated(BaseException):
     swallows a stop request and trains on."""
 
 
-_state: dict[str, Any] = {"allowed": False, "pending": None}
+# held: how many ``deferred`` blocks are open (nested: an epoch's report inside its whole end)
+_state: dict[str, Any] = {"allowed": False, "pending": None, "held": 0}
 
 
 def _handler(signum: int, frame: Any) -> None:
@@ -75,11 +79,18 @@ def allowed() -> Iterator[None]:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """Store writes inside an ``allowed`` block: a signal waits until they are done."""
+    """Store writes inside an ``allowed`` block: a signal waits until they are done, and is
+    raised when the outermost ``deferred`` block ends. An inner one leaves it waiting: what
+    encloses it is not done yet (an epoch's report ends before the epoch's checkpoint is saved,
+    and raising there would lose the epoch). Left by an exception (a prune), nothing is raised
+    here: the signal waits for the next ``check()``."""
     before = _state["allowed"]
     _state["allowed"] = False
+    _state["held"] += 1
     try:
         yield
     finally:
         _state["allowed"] = before
-    check()
+        _state["held"] -= 1
+    if _state["held"] == 0:
+        check()

@@ -113,7 +113,9 @@ def run_trial(
 
     def on_epoch_end(stats: EpochStats) -> None:
         history.append(asdict(stats))
-        with interrupts.deferred():  # Ctrl-C waits for the store writes, then stops the trial
+        # Ctrl-C waits for the store writes. In fit this block nests in the epoch's end (see
+        # below), and the signal stops the trial only once the epoch is saved too.
+        with interrupts.deferred():
             if goal.multi:
                 prune = _multi_objective_step(trial, goal, costs, stats.epoch, stats.val_acc, cfg.train.epochs)
             else:
@@ -142,8 +144,10 @@ def run_trial(
                 on_epoch_end(stats)
         with interrupts.allowed():  # training: a signal stops it at once
             # feature_cache: a frozen-backbone trial trains its head on cached features (engine/heads.py)
+            # epoch_end_guard: a signal held over an epoch's report waits for its checkpoint save as
+            # well (interrupts.deferred nests), else the retry would start an epoch earlier.
             result = fit(cfg, data, images.device, on_epoch_end=on_epoch_end, feature_cache=images.cache_dir,
-                         checkpoint=spec)
+                         checkpoint=spec, epoch_end_guard=interrupts.deferred)
     except _StoppedEarly:
         best = max(history, key=lambda h: (h["val_acc"], -h["epoch"]))  # ties: the earlier epoch
         trial.set_user_attr(TrialKey.BEST_EPOCH, int(best["epoch"]))
