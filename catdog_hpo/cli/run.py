@@ -120,7 +120,7 @@ def _handle(args: argparse.Namespace) -> int:
 
     mlflow = tracking_uri(args.mlflow, args.no_mlflow)  # a missing mlflow fails here, before any data
     source = data_source(args)
-    from catdog_hpo.search.budget import parse_duration
+    from catdog_hpo.search.durations import parse_duration
     from catdog_hpo.search.checkpoints import check_flags
 
     check_flags(args.checkpoint_every, args.keep_weights, args.checkpoint_dir)

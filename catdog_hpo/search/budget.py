@@ -1,28 +1,17 @@
-"""The study's time budget (``run --budget``) and the admission guard that keeps trials inside it.
+"""The study's time budget (``run --budget``): time spent and left, and the guard that prices
+each config for admission (the rule itself: ``search.admission``).
 
 Time spent: every worker process of every run, on every machine, records one session interval
 ``[start, last seen]`` (epoch seconds) in the study's system attributes. Time spent is the length
 of the union of those intervals: parallel workers and machines overlap and count once, a resumed
 run adds only its own time, a crashed worker's interval ends where it was last seen.
 
-Admission (``Guard.admit``): before any training, the cost model (engine.cost) predicts a
-config's seconds on this device. It is turned away (recorded as a rejected trial, which the
-sampler learns from through an Optuna constraint) when
-
-- it would not finish in the time left (no trial is started that the model says cannot finish), or
-- its expected cost (its epochs' cost x the share of them a trial runs on average under the
-  pruner, ``Guard.ran_share``: the pruner's theory, 2.74 of 20 under SHA's rungs at 1, 3, 9, all
-  of them without a pruner, as a prior worth PRIOR_TRIALS trials, blended with the share the
-  study's finished trials ran) exceeds its fair share of what is left,
-  ``left x workers / trials still to run x SHARE_SLACK``. The share doubles after every
-  SHARE_RELAX_EVERY such refusals in a row (of this rule or the next), so pacing never idles
-  the budget. Weighing only the first rung admitted configs whose first epoch alone took two
-  fair shares; the few of them that SHA promoted ran 20 epochs of them and took the hours the
-  other trials needed; or
-- its whole cost exceeds MAX_SHARE_OF_LEFT of what is left (near the end, one promotion decides).
-
-The last two apply only with ``--trials`` (a trial target to pace for), and not to the baseline
-and the --enqueue configs, which the user asked for.
+Pricing (``Guard.admit``): before any training, the cost model (engine.cost) predicts a config's
+seconds on this device for all its epochs, and its expected seconds under the pruner: its epochs'
+cost x the share of them a trial runs on average (``Guard.ran_share``: the pruner's theory,
+2.74 of 20 under SHA's rungs at 1, 3, 9, all of them without a pruner, as a prior worth
+PRIOR_TRIALS trials, blended with the share the study's finished trials ran). A refused config
+is recorded as a rejected trial, which the sampler learns from through an Optuna constraint.
 
 A running trial is stopped at the end of an epoch once the budget is spent (``Guard.overrun``), so
 the run ends within the budget plus one epoch of the slowest running trial.
@@ -33,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import platform
-import re
 import time
 import uuid
 from pathlib import Path
@@ -41,53 +29,17 @@ from typing import Any, Callable
 
 import optuna
 
-from catdog_hpo.errors import ConfigError, UserError
-from catdog_hpo.search import optuna_compat
+from catdog_hpo.errors import ConfigError
+from catdog_hpo.search import admission, optuna_compat
 from catdog_hpo.search.record import (BUDGET_SESSION_PREFIX, CALIBRATION_PREFIX, StudyKey, TrialKey,
                                       counts_toward_n, tally)
 from catdog_hpo.search.pruners import all_epochs
 
-SHARE_SLACK = 2.0  # a config may cost this many fair shares (trials that end early leave time over)
-# Fair-share refusals in a row after which the share doubles (below the stop rule's 25, so pacing
-# alone never ends a run): a study behind its --trials pace saw its share shrink below every config
-# TPE proposed and stopped with 7 of its 60 minutes unspent (bench/budget.py); an unspent budget
-# helps neither the trial count nor the accuracy.
-SHARE_RELAX_EVERY = 8
-# Trials the pruner's theory of the epochs a trial runs counts as, against the study's record.
-# The theory undercounts under TPE: its later configs beat the earlier ones they are ranked
-# against at each rung, so SHA let 13% of a 60-minute study's trials run all 20 epochs (theory:
-# 3.7%), 4.7 epochs a trial, not 2.74, and the study paced for 100 trials finished 55.
+# Trials the pruner's theory of the epochs a trial runs counts as, against the study's record:
+# enough that a few early trials do not swing it, few enough that the record soon leads (under
+# TPE, SHA promotes more than its theory: later configs beat the earlier ones they are ranked against).
 PRIOR_TRIALS = 8.0
-# With --trials: one trial's whole cost (all its epochs, if the pruner keeps it) may take at most
-# this share of the time left (all workers'). Its expected cost is fair, but near the end one
-# promotion decides: a 60-minute study admitted a config with 3.1 minutes left whose 20 epochs
-# then took 136 s of them, the time of some 15 first-rung trials, and it ended at 93 of its 100.
-# It relaxes with the fair share (SHARE_RELAX_EVERY): alone, it refused 25 configs in a row that
-# TPE kept proposing and ended the next 60-minute study with 2.7 minutes unspent, at 96 trials.
-MAX_SHARE_OF_LEFT = 0.5
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _TOUCH_EVERY_S = 2.0  # how often a session writes its "last seen" time (store writes are not free)
-
-
-def parse_duration(text: str, flag: str = "--budget") -> float:
-    """Seconds from ``90s``, ``45m``, ``2h``, ``1.5h``, ``1d`` or plain seconds (``600``);
-    UserError naming ``flag`` otherwise."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([smhd]?)\s*", str(text).lower())
-    if m is None:
-        raise UserError(f"{flag} {text!r}: expected a duration such as 90s, 45m, 2h or a number of seconds")
-    seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise UserError(f"{flag} {text!r}: must be more than 0 seconds")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.2f}h"
 
 
 def resolve_budget(study: optuna.Study, given: float | None) -> float | None:
@@ -187,9 +139,7 @@ class Guard:
         self.where = f"{platform.node()}:{device}"
         self._calibration: Any = None
         self._nominal = False  # the calibration is NOMINAL, not measured here
-        self.too_late = 0  # configs in a row turned away when even the cheapest seen would not fit
-        self.cheapest = math.inf  # seconds: the cheapest config this worker has been asked to admit
-        self.over_share = 0  # configs in a row turned away by the fair share (SHARE_RELAX_EVERY)
+        self.refusals = admission.Refusals()  # this worker's one refusal counter (the worker counts)
 
     def calibration(self, data: Any, trials: list[optuna.trial.FrozenTrial]) -> Any:
         """The cost model's rates on this device: the study's stored calibration for this
@@ -243,37 +193,26 @@ class Guard:
         if not applies(cfg):
             trial.set_user_attr(TrialKey.PREDICTED_EPOCH_S, round(raw_epoch, 5))
         trial.set_user_attr(TrialKey.COST_DEVICE, self.where)
-        left = self.clock.left()
-        if math.isinf(left):
-            return predicted
-        # The budget is done when what is left fits not even the cheapest config seen so far; a
-        # sampler that proposes a few big configs in a row with time left has not ended it.
-        self.cheapest = min(self.cheapest, predicted)
-        self.too_late = self.too_late + 1 if left < self.cheapest else 0
-        if predicted > left:
-            raise ConfigError(f"predicted {format_duration(predicted)} > the {format_duration(left)} "
-                              f"left of --budget {format_duration(self.clock.budget_s or 0)}")
-        # The fair share is weighed against what the trial costs on average under the pruner
-        # (ran_share: theory and the study's record). The baseline and the user's --enqueue configs were asked
-        # for by name: only "must finish" applies to them.
         ran = min(float(w.epochs), w.epochs * self.ran_share(w.epochs, trials))  # epochs, on average
-        expected = predicted - cal.predict(w, epochs=w.epochs - ran)  # less the epochs it will not run
-        asked = trial.user_attrs.get(TrialKey.BASELINE) or trial.user_attrs.get(TrialKey.ENQUEUED_FROM)
-        relax = 2 ** (self.over_share // SHARE_RELAX_EVERY)  # both pacing rules relax together
-        share = self.fair_share(left, trials) * relax
-        if expected > share and not asked:
-            self.over_share += 1
-            raise ConfigError(f"expected {format_duration(expected)} ({ran:.1f} of {w.epochs} epochs under the pruner) "
-                              f"> its fair share "
-                              f"{format_duration(share)} of the {format_duration(left)} left of --budget")
-        cap = min(1.0, MAX_SHARE_OF_LEFT * relax)  # of the time left (all workers')
-        if self.plan.trials is not None and not asked and predicted > left * self.plan.workers * cap:
-            self.over_share += 1
-            raise ConfigError(f"predicted {format_duration(predicted)} for all {w.epochs} epochs > "
-                              f"{cap:.0%} of the {format_duration(left)} left of --budget, "
-                              f"with trials still to run")
-        self.over_share = 0
+        config = admission.Priced(
+            predicted_s=predicted, expected_s=predicted - cal.predict(w, epochs=w.epochs - ran), epochs=w.epochs,
+            ran_epochs=ran, by_name=bool(trial.user_attrs.get(TrialKey.BASELINE)
+                                         or trial.user_attrs.get(TrialKey.ENQUEUED_FROM)))
+        self.refusals.priced(predicted)
+        refused = admission.decide(config, self.standing(trials))
+        if refused:
+            raise ConfigError(refused)
         return predicted
+
+    def standing(self, trials: list[optuna.trial.FrozenTrial]) -> admission.Standing:
+        """The study as admission reads it (``trials``: the study's, read once for this config)."""
+        to_go = None
+        if self.plan.trials is not None:
+            finished, running, _ = tally(trials)
+            to_go = self.plan.trials - finished - max(0, running - 1)  # running - 1: not this one
+        budget = self.clock.budget_s
+        return admission.Standing(left_s=self.clock.left(), budget_s=math.inf if budget is None else budget,
+                                  workers=self.plan.workers, to_go=to_go, refused_in_a_row=self.refusals.in_a_row)
 
     def ran_share(self, epochs: int, trials: list[optuna.trial.FrozenTrial]) -> float:
         """Share of its configured epochs a trial runs on average under the pruner: the theory
@@ -288,31 +227,6 @@ class Guard:
                 total, n = total + min(1.0, ua[TrialKey.EPOCHS_RUN] / configured), n + 1
         return total / n
 
-    def fair_share(self, left: float, trials: list[optuna.trial.FrozenTrial]) -> float:
-        """Seconds one trial may cost: inf without --trials (only 'must finish' applies).
-        ``trials``: the study's."""
-        if self.plan.trials is None:
-            return math.inf
-        finished, running, _ = tally(trials)
-        still = max(1, self.plan.trials - finished - max(0, running - 1))  # running - 1: not this one
-        return left * self.plan.workers / still * SHARE_SLACK
-
     def overrun(self) -> bool:
         """The budget is spent: a running trial stops at this epoch's end."""
         return self.clock.left() <= 0
-
-
-_MIN_REJECTS_IN_A_ROW = 25  # configs turned away in a row (each costs ~0.1 s) before a worker may give up
-_MAX_REJECTS_IN_A_ROW = 500  # ... and before it surely does (~1 minute of sampling)
-
-
-def rejects_tolerated(admitted: int, proposed: int) -> int:
-    """Configs turned away in a row before this worker stops: a run of refusals that had under
-    1% chance at the share of the ``proposed`` configs before the run that were ``admitted``
-    (Laplace's estimate: none before the run gives 1/2, so 25), 25 to 500. A
-    learning sampler (TPE) that keeps proposing refused configs stops after 25; random search,
-    which never learns, with 7% of its configs admitted (measured) turns away 25 in a row about
-    one time in six by chance, and ended a 60-minute study at 7 minutes under a flat limit of 25."""
-    p = (admitted + 1) / (proposed + 2)
-    run = math.ceil(math.log(0.01) / math.log1p(-p)) if p < 1 else 1
-    return max(_MIN_REJECTS_IN_A_ROW, min(_MAX_REJECTS_IN_A_ROW, run))

@@ -15,7 +15,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from catdog_hpo.search import optuna_compat
-from catdog_hpo.search.budget import format_duration, spent_seconds, union_length
+from catdog_hpo.search.budget import spent_seconds, union_length
+from catdog_hpo.search.durations import format_duration
 from catdog_hpo.search.record import (BUDGET_SESSION_PREFIX, StudyKey, TrialKey, counts_toward_n, finished_complete,
                                       outcome)
 

@@ -18,7 +18,8 @@ from optuna.trial import TrialState
 
 from catdog_hpo.errors import UserError
 from catdog_hpo.search import interrupts
-from catdog_hpo.search.budget import format_duration, resolve_budget, spent_seconds
+from catdog_hpo.search.budget import resolve_budget, spent_seconds
+from catdog_hpo.search.durations import format_duration
 from catdog_hpo.search.checkpoints import where as checkpoint_note
 from catdog_hpo.search.pareto import front_trials
 from catdog_hpo.search.progress import Progress, study_pace

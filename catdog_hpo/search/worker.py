@@ -12,7 +12,6 @@ their cached memory back after every trial.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -25,8 +24,8 @@ from optuna.trial import TrialState
 from catdog_hpo.engine.device import classify_cuda_error, cuda_context_works, free_device_memory
 from catdog_hpo.errors import UserError
 from catdog_hpo.data.provider import ImageProvider
-from catdog_hpo.search import checkpoints, interrupts, optuna_compat
-from catdog_hpo.search.budget import Guard, Plan, StudyClock, format_duration, rejects_tolerated, resolve_budget
+from catdog_hpo.search import admission, checkpoints, interrupts, optuna_compat
+from catdog_hpo.search.budget import Guard, Plan, StudyClock, resolve_budget
 from catdog_hpo.search.limits import Limits
 from catdog_hpo.search.pruners import EXPECTED_EPOCHS
 from catdog_hpo.search.record import TrialKey
@@ -77,7 +76,7 @@ def work(settings: RunSettings, device: str, deadline: float | None,
     overrides = overrides_of(settings)
     clock, guard = _budget_guard(settings, study, device)
     tracked = TrialRuns(settings.mlflow, study)  # MLflow child runs (does nothing without --mlflow)
-    fails_in_a_row = rejects_in_a_row = proposed = admitted = 0
+    fails_in_a_row = 0
     while deadline is None or time.time() < deadline:
         interrupts.check()  # a signal that came during the last trial's store writes
         trial = claim_trial(study, storage, settings, grid, clock)
@@ -99,28 +98,16 @@ def work(settings: RunSettings, device: str, deadline: float | None,
         _release_memory(trial.number)  # cached blocks back to the driver: a neighbour's trial may need them
         fails_in_a_row = fails_in_a_row + 1 if state == TrialState.FAIL else 0
         rejected = trial.user_attrs.get(TrialKey.REJECTED) if state == TrialState.PRUNED else None
-        rejects_in_a_row = rejects_in_a_row + 1 if rejected else 0
-        proposed, admitted = proposed + 1, admitted + (not rejected)
+        guard.refusals.count(refused=bool(rejected))
         if on_trial_end is not None:
             on_trial_end()
-        if guard.too_late >= _TOO_LATE_IN_A_ROW:  # the budget's end: what is left fits no trial
-            print(f"budget: the {format_duration(clock.left())} left fits not even the cheapest config seen "
-                  f"({format_duration(guard.cheapest)}); no more trials start", file=sys.stderr)
-            return
-        if rejects_in_a_row >= rejects_tolerated(admitted, proposed - rejects_in_a_row):
-            # The sampler keeps proposing configs the guards turn away: stop, say why.
-            left = clock.left()
-            hint = ("the budget left is too small for the configs this space proposes"
-                    if math.isfinite(left) else "loosen --max-params/--max-flops or narrow the space")
-            print(f"stopping: the last {rejects_in_a_row} configs were all turned away before training "
-                  f"(last: {rejected}); {hint}", file=sys.stderr)
+        reason = admission.stop(guard.refusals, clock.left(), last=rejected)
+        if reason:  # the budget is done, or the sampler keeps proposing configs the guards refuse
+            print(f"stopping: {reason}", file=sys.stderr)
             return
         if fails_in_a_row >= _MAX_FAILS_IN_A_ROW:
             raise UserError(f"{fails_in_a_row} trials in a row failed; see the fail reasons with "
                             f"catdog-hpo show --study {settings.study}")
-
-
-_TOO_LATE_IN_A_ROW = 3  # configs in a row that would not finish in the budget left: the budget is done
 
 
 def _budget_guard(settings: RunSettings, study: optuna.Study, device: str) -> tuple[StudyClock, Guard]:

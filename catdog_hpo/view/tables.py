@@ -97,7 +97,8 @@ def study_header(study: optuna.Study) -> str:
         lines.append(f"best {best:.4f}: {100 * (best - base.value):+.1f} points over the baseline "
                      f"(trial {base.number}, {base.value:.4f})")
     if info.budget_s is not None:
-        from catdog_hpo.search.budget import format_duration, spent_seconds
+        from catdog_hpo.search.budget import spent_seconds
+        from catdog_hpo.search.durations import format_duration
 
         lines.append(f"budget: {format_duration(spent_seconds(study))} spent of {format_duration(info.budget_s)}")
     reasons = Counter(r.fail_reason if r.fail_reason is not None else "no reason recorded"
