@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--enqueue", type=Path, default=None, metavar="FILE",
                    help="YAML/JSON parameters (one mapping, a list, or an export file) to run first")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--stop-when-flat", action="store_true",
+                   help="end the study once it has run as many trials without beating its best by more than the "
+                   "validation noise as it took to reach it (docs/budget.md)")
     p.add_argument("--epochs", type=positive_int, default=None, metavar="E", help="epochs per trial (default: the space's)")
     p.add_argument("--study", "--study-name", dest="study", default=None, metavar="NAME",
                    help="study name (default: <space>-<sampler>-<data>)")
@@ -109,6 +112,9 @@ def _handle(args: argparse.Namespace) -> int:
     from catdog_hpo.search.study import check_goal
 
     check_goal(args.sampler, pruner, objectives)  # before any data is loaded
+    if args.stop_when_flat and len(objectives) > 1:
+        raise UserError(f"--stop-when-flat with --objectives {args.objectives}: it watches one objective's "
+                        "best value (a Pareto front has none); use it with --objectives accuracy")
     if "latency" in objectives and args.latency_device == "cuda":
         from catdog_hpo.engine.device import resolve_device
 
@@ -168,6 +174,6 @@ def _handle(args: argparse.Namespace) -> int:
         deterministic=args.deterministic,
         objectives=objectives, latency_device=args.latency_device, run_config=run_config,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, keep_weights=args.keep_weights,
-        mlflow=mlflow,
+        mlflow=mlflow, stop_when_flat=args.stop_when_flat,
     )
     return run(settings)

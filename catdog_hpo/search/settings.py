@@ -48,6 +48,7 @@ class RunSettings:
     checkpoint_every: int = 1  # --checkpoint-every: epochs between a trial's saved states (0: none)
     keep_weights: int = 3  # --keep-weights: completed trials whose best-epoch weights are kept
     mlflow: str | None = None  # --mlflow URI or $MLFLOW_TRACKING_URI: where trials are tracked (search.tracking)
+    stop_when_flat: bool = False  # --stop-when-flat: end the study on a plateau (search.flat)
 
 
 def overrides_of(settings: RunSettings) -> dict[str, Any]:

@@ -28,7 +28,8 @@ from catdog_hpo.search import admission, checkpoints, interrupts, optuna_compat
 from catdog_hpo.search.budget import Guard, Plan, StudyClock, resolve_budget
 from catdog_hpo.search.limits import Limits
 from catdog_hpo.search.pruners import EXPECTED_EPOCHS
-from catdog_hpo.search.record import TrialKey
+from catdog_hpo.search.flat import flat
+from catdog_hpo.search.record import TrialKey, counts_toward_n, outcome
 from catdog_hpo.search.settings import RunSettings, goal_of, overrides_of
 from catdog_hpo.search.spaces import Space
 from catdog_hpo.search.study import Claim, Opened, claim_trial, open_study
@@ -102,12 +103,22 @@ def work(settings: RunSettings, device: str, deadline: float | None,
         if on_trial_end is not None:
             on_trial_end()
         reason = admission.stop(guard.refusals, clock.left(), last=rejected)
+        if not reason and settings.stop_when_flat and TrialKey.CONFIG in trial.user_attrs:
+            reason = _flat(study, images, trial.user_attrs[TrialKey.CONFIG]["image_size"])
         if reason:  # the budget is done, or the sampler keeps proposing configs the guards refuse
             print(f"stopping: {reason}", file=sys.stderr)
             return
         if fails_in_a_row >= _MAX_FAILS_IN_A_ROW:
             raise UserError(f"{fails_in_a_row} trials in a row failed; see the fail reasons with "
                             f"catdog-hpo show --study {settings.study}")
+
+
+def _flat(study: optuna.Study, images: ImageProvider, image_size: int) -> str | None:
+    """--stop-when-flat's verdict (search.flat) on the study's finished trials, in finishing order."""
+    done = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                   if counts_toward_n(t)), key=lambda t: t.datetime_complete or t.datetime_start)
+    values = [t.value if outcome(t) == "COMPLETE" else None for t in done]
+    return flat(values, len(images.get(image_size).val_y))
 
 
 def _budget_guard(settings: RunSettings, study: optuna.Study, device: str) -> tuple[StudyClock, Guard]:
