@@ -47,6 +47,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="do not run the space's baseline config as trial 0 of a new study")
     p.add_argument("--enqueue", type=Path, default=None, metavar="FILE",
                    help="YAML/JSON parameters (one mapping, a list, or an export file) to run first")
+    p.add_argument("--warm-start", action="append", default=None, metavar="STUDY[@STORAGE]",
+                   help="start from an earlier study (in --storage, or in STORAGE): its best configs run first, "
+                   "and its trials are the sampler's history when it searched the same space and data; "
+                   "may be given several times (docs/warm-start.md)")
+    p.add_argument("--warm-start-top", type=positive_int, default=choices.WARM_START_TOP, metavar="K",
+                   help=f"configs each --warm-start study gives (default: {choices.WARM_START_TOP})")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--stop-when-flat", action="store_true",
                    help="end the study once it has run as many trials without beating its best by more than the "
@@ -138,6 +144,12 @@ def _handle(args: argparse.Namespace) -> int:
         from catdog_hpo.search.space_files import read_params_file
 
         enqueue = read_params_file(args.enqueue)
+    warm_start: tuple = ()
+    if args.warm_start:
+        from catdog_hpo.search.warm_start import parse_source
+
+        given = [args.warm_start] if isinstance(args.warm_start, str) else args.warm_start  # a --config value
+        warm_start = tuple(parse_source(text, args.storage) for text in given)
     if args.timeout is not None and args.timeout <= 0:
         raise UserError(f"--timeout {args.timeout}: must be more than 0 seconds")
     from catdog_hpo.engine.device import assign_gpus, parse_gpus, resolve_device
@@ -168,6 +180,7 @@ def _handle(args: argparse.Namespace) -> int:
         trials=trials, data=source, timeout=args.timeout, epochs=args.epochs,
         time_budget=time_budget, baseline=not args.no_baseline, enqueue=enqueue,
         enqueue_from=str(args.enqueue) if args.enqueue is not None else None,
+        warm_start=warm_start, warm_start_top=args.warm_start_top,
         weights=weights_file(args.weights), workers=args.workers, seed=args.seed, devices=tuple(devices),
         limits=Limits(max_params=args.max_params, max_flops=args.max_flops),
         studies_dir=STUDIES_DIR, heartbeat=args.heartbeat, progress=not args.no_progress,

@@ -2,7 +2,7 @@
 
 The rule, whole: a config is admitted when the cost model's seconds for all its epochs fit in
 the time left of ``--budget`` (no trial starts that would not finish), and, with a ``--trials``
-target and unless the user asked for it by name (the baseline, ``--enqueue``), when its expected
+target and unless the user asked for it by name (the baseline, ``--enqueue``, ``--warm-start``), when its expected
 seconds under the pruner are at most SLACK fair shares, a fair share being the time left x
 workers / the trials still to run, an allowance that doubles after every RELAX_EVERY refusals in
 a row so that pacing bends instead of idling the budget. Every refusal, of this rule or of
@@ -38,7 +38,7 @@ class Priced:
     expected_s: float  # seconds on average under the pruner (the epochs a trial runs on average)
     epochs: int
     ran_epochs: float  # epochs a trial runs on average under the pruner
-    by_name: bool  # the baseline or an --enqueue config: the user asked for it
+    by_name: bool  # the baseline, an --enqueue or a --warm-start config: the user asked for it (record.asked_by_name)
 
 
 @dataclasses.dataclass(frozen=True)

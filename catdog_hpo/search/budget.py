@@ -32,7 +32,7 @@ import optuna
 from catdog_hpo.errors import ConfigError
 from catdog_hpo.search import admission, optuna_compat
 from catdog_hpo.search.record import (BUDGET_SESSION_PREFIX, CALIBRATION_PREFIX, StudyKey, TrialKey,
-                                      counts_toward_n, tally)
+                                      asked_by_name, counts_toward_n, tally)
 from catdog_hpo.search.pruners import all_epochs
 
 # Trials the pruner's theory of the epochs a trial runs counts as, against the study's record:
@@ -196,8 +196,7 @@ class Guard:
         ran = min(float(w.epochs), w.epochs * self.ran_share(w.epochs, trials))  # epochs, on average
         config = admission.Priced(
             predicted_s=predicted, expected_s=predicted - cal.predict(w, epochs=w.epochs - ran), epochs=w.epochs,
-            ran_epochs=ran, by_name=bool(trial.user_attrs.get(TrialKey.BASELINE)
-                                         or trial.user_attrs.get(TrialKey.ENQUEUED_FROM)))
+            ran_epochs=ran, by_name=asked_by_name(trial.user_attrs))
         self.refusals.priced(predicted)
         refused = admission.decide(config, self.standing(trials))
         if refused:

@@ -10,3 +10,6 @@ from __future__ import annotations
 
 SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes", "qmc", "nsga2")
 PRUNERS = ("median", "sha", "hyperband", "patient", "none", "pareto")
+# run --warm-start-top's default (here, beside the choices, so --help needs no Optuna either): a
+# few of a source's best configs, not so many that they crowd out the sampler's own proposals.
+WARM_START_TOP = 3

@@ -41,6 +41,8 @@ def trial_line(t: FrozenTrial) -> str:
     state = "rejected" if TrialKey.REJECTED in t.user_attrs else outcome(t).lower()
     if t.user_attrs.get(TrialKey.BASELINE):
         shown = "baseline  " + shown
+    elif t.user_attrs.get(TrialKey.WARM_START_FROM):  # study@storage#trial: the source says where
+        shown = f"warm start from {t.user_attrs[TrialKey.WARM_START_FROM]}  " + shown
     if t.user_attrs.get(TrialKey.RESUMED_FROM_EPOCH):  # a retry that went on from a checkpoint
         shown = (f"resumed trial {t.user_attrs.get(TrialKey.RESUMED_FROM_TRIAL)} after epoch "
                  f"{t.user_attrs[TrialKey.RESUMED_FROM_EPOCH]}  " + shown)

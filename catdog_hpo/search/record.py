@@ -28,7 +28,11 @@ class TrialKey:
     SEC_PER_EPOCH = "sec_per_epoch"  # mean wall seconds per epoch, train + validation
     BEST_EPOCH = "best_epoch"  # 1-based epoch of the best validation accuracy; 0 if none finished
     N_PARAMS = "n_params"  # parameters of the model (engine.models cost)
-    FLOPS = "flops"  # forward FLOPs per image (2 per multiply-add) at the trial's image size
+    FLOPS = "flops"  # one forward of the network per image (2 FLOPs per multiply-add) at the trial's image size
+    # FLOPS x forwards per image of the model as shipped (engine.tta: 2 with augment.tta): what the
+    # flops objective, --max-flops and the model card count. Kept apart from FLOPS, which the cost
+    # model prices training by (training runs the network once per image; TTA is inference only).
+    INFERENCE_FLOPS = "inference_flops"
     DEVICE = "device"  # torch device string the trial trained on ("cpu", "cuda:0")
     RETRY_OF = "retry_of"  # set on an enqueued re-run: the number of the interrupted trial
     LATENCY_MS = "latency_ms"  # batch-1 forward ms, median of repeats (engine.latency), before training
@@ -45,6 +49,10 @@ class TrialKey:
     COST_DEVICE = "cost_device"  # "<host>:<device>": the trials whose seconds calibrate each other
     BASELINE = "baseline"  # True on the space's baseline config (enqueued as trial 0 of a new study)
     ENQUEUED_FROM = "enqueued_from"  # run --enqueue FILE: the file a user config came from
+    WARM_START_FROM = "warm_start_from"  # run --warm-start: "study@storage#trial" whose config this reran
+    # run --warm-start, same search: a finished trial of that study ("study@storage#trial") copied
+    # in as the sampler's history. It never ran here: it counts toward nothing and is never picked.
+    WARM_HISTORY_FROM = "warm_history_from"
     BUDGET_STOP = "budget_stop"  # why a running trial was stopped at an epoch end (budget spent)
     # Trial checkpoints (search.checkpoints): file names inside the study's checkpoint folder.
     CHECKPOINT = "checkpoint"  # the training-state file it writes (a retry writes on into its source's)
@@ -78,6 +86,15 @@ class StudyKey:
     # run --mlflow: the study's parent run in MLflow, which every worker's trial runs nest under
     # (search.tracking); written by the first tracked run, replaced if the run is gone
     MLFLOW_RUN_ID = "mlflow_run_id"
+    # run --warm-start: the "study@storage" sources applied so far, in order; a rerun naming one
+    # again does not queue its configs (nor copy its history) a second time
+    WARM_STARTED_FROM = "warm_started_from"
+
+
+# What must match for two studies' trials to be comparable measurements: for a rerun to continue
+# a study (search.study) and for a warm start to hand a source's trials to the sampler as history
+# (search.warm_start). The sampler may differ: every sampler reads the same trials.
+SAME_SEARCH = (StudyKey.SPACE_FINGERPRINT, StudyKey.DATA, StudyKey.DATA_FINGERPRINT, StudyKey.EPOCHS)
 
 
 # Study system attribute (not shown by the dashboard): sampler streams handed out so far.
@@ -104,6 +121,7 @@ class TrialRecord:
     best_epoch: int | None = None
     n_params: int | None = None
     flops: int | None = None
+    inference_flops: int | None = None
     device: str | None = None
     retry_of: int | None = None
     latency_ms: float | None = None
@@ -118,6 +136,8 @@ class TrialRecord:
     resumed_from_trial: int | None = None
     resumed_from_epoch: int | None = None
     resume_ignored: str | None = None
+    warm_start_from: str | None = None
+    warm_history_from: str | None = None
 
     @classmethod
     def from_trial(cls, trial: FrozenTrial | optuna.Trial) -> TrialRecord:
@@ -134,6 +154,7 @@ class TrialRecord:
             best_epoch=ua.get(TrialKey.BEST_EPOCH),
             n_params=ua.get(TrialKey.N_PARAMS),
             flops=ua.get(TrialKey.FLOPS),
+            inference_flops=ua.get(TrialKey.INFERENCE_FLOPS),
             device=ua.get(TrialKey.DEVICE),
             retry_of=ua.get(TrialKey.RETRY_OF),
             latency_ms=ua.get(TrialKey.LATENCY_MS),
@@ -148,6 +169,8 @@ class TrialRecord:
             resumed_from_trial=ua.get(TrialKey.RESUMED_FROM_TRIAL),
             resumed_from_epoch=ua.get(TrialKey.RESUMED_FROM_EPOCH),
             resume_ignored=ua.get(TrialKey.RESUME_IGNORED),
+            warm_start_from=ua.get(TrialKey.WARM_START_FROM),
+            warm_history_from=ua.get(TrialKey.WARM_HISTORY_FROM),
         )
 
     @property
@@ -169,15 +192,30 @@ def outcome(trial: FrozenTrial) -> str:
     return name
 
 
+def from_history(trial: FrozenTrial) -> bool:
+    """A trial of an earlier study copied in by ``run --warm-start`` for the sampler to learn
+    from: it ran elsewhere, so it counts toward no --trials, no budget share and no best."""
+    return TrialKey.WARM_HISTORY_FROM in trial.user_attrs
+
+
 def finished_complete(trial: FrozenTrial) -> bool:
-    """Completed all its epochs with a value: a trial export, the front and the best may pick."""
-    return outcome(trial) == "COMPLETE" and bool(trial.values)
+    """Completed all its epochs with a value, in this study: a trial export, the front and the
+    best may pick (a warm start's history trial has no weights, files or run of its own here)."""
+    return outcome(trial) == "COMPLETE" and bool(trial.values) and not from_history(trial)
 
 
 def counts_toward_n(trial: FrozenTrial) -> bool:
-    """A finished trial that trained (completed or pruned); a config turned away before
-    training (search.trial.reject) does not use up --trials."""
-    return trial.state.name in ("COMPLETE", "PRUNED") and TrialKey.REJECTED not in trial.user_attrs
+    """A finished trial that trained here (completed or pruned); a config turned away before
+    training (search.trial.reject) and a warm start's history trial do not use up --trials."""
+    return (trial.state.name in ("COMPLETE", "PRUNED") and TrialKey.REJECTED not in trial.user_attrs
+            and not from_history(trial))
+
+
+def asked_by_name(user_attrs: dict[str, Any]) -> bool:
+    """A config the user asked for (the baseline, --enqueue, --warm-start), not one the sampler
+    proposed: admission only asks it to finish in the budget (search.admission)."""
+    return bool(user_attrs.get(TrialKey.BASELINE) or user_attrs.get(TrialKey.ENQUEUED_FROM)
+                or user_attrs.get(TrialKey.WARM_START_FROM))
 
 
 def tally(trials: list[FrozenTrial]) -> tuple[int, int, int]:
@@ -212,6 +250,7 @@ class StudyInfo:
     run_config: dict[str, Any] | None = None
     budget_s: float | None = None
     mlflow_run_id: str | None = None
+    warm_started_from: tuple[str, ...] = ()
 
     @classmethod
     def from_attrs(cls, name: str, attrs: dict[str, Any]) -> StudyInfo:
@@ -237,6 +276,7 @@ class StudyInfo:
             run_config=attrs.get(StudyKey.RUN_CONFIG),
             budget_s=attrs.get(StudyKey.BUDGET_S),
             mlflow_run_id=attrs.get(StudyKey.MLFLOW_RUN_ID),
+            warm_started_from=tuple(attrs.get(StudyKey.WARM_STARTED_FROM) or ()),
         )
 
     @classmethod

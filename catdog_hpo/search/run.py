@@ -23,7 +23,7 @@ from catdog_hpo.search.durations import format_duration
 from catdog_hpo.search.checkpoints import where as checkpoint_note
 from catdog_hpo.search.pareto import front_trials
 from catdog_hpo.search.progress import Progress, study_pace
-from catdog_hpo.search.record import StudyInfo, StudyKey
+from catdog_hpo.search.record import StudyInfo, StudyKey, finished_complete
 from catdog_hpo.search.settings import RunSettings
 from catdog_hpo.search.space_files import base_image_size
 from catdog_hpo.search.storage import mask_password
@@ -117,7 +117,8 @@ def _announce_budget(study: optuna.Study, settings: RunSettings) -> float | None
 def _summary(study: optuna.Study, target: int | None, since: float | None = None) -> int:
     """The run's last lines; ``since``: when this run began, so its wall time counts in full."""
     finished, _, _ = count(study)
-    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    # finished_complete: not a --warm-start history trial, which ran in another study
+    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if finished_complete(t)]
     if not completed:
         print(f"done: {finished} finished trials, none completed", file=sys.stderr)
         return 1

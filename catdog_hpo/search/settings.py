@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from catdog_hpo.data import DataSource
+from catdog_hpo.search.choices import WARM_START_TOP
 from catdog_hpo.search.limits import Limits
 from catdog_hpo.search.pareto import ParetoRule
 from catdog_hpo.search.trial import Goal
+
+if TYPE_CHECKING:
+    from catdog_hpo.search.warm_start import WarmSource
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,10 @@ class RunSettings:
     baseline: bool = True  # enqueue the space's baseline config as trial 0 of a new study
     enqueue: tuple[dict[str, Any], ...] = ()  # run --enqueue FILE: params to run first (before the baseline)
     enqueue_from: str | None = None  # that FILE, recorded on its trials
+    # run --warm-start STUDY[@STORAGE] (search.warm_start.WarmSource), several allowed: the
+    # --warm-start-top best configs of each run first; a same-search source's trials are history
+    warm_start: tuple[WarmSource, ...] = ()
+    warm_start_top: int = WARM_START_TOP  # --warm-start-top K: configs taken from each source
     checkpoint_dir: Path | None = None  # --checkpoint-dir (None: beside a SQLite/journal file; search.checkpoints)
     checkpoint_every: int = 1  # --checkpoint-every: epochs between a trial's saved states (0: none)
     keep_weights: int = 3  # --keep-weights: completed trials whose best-epoch weights are kept

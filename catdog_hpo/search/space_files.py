@@ -118,11 +118,47 @@ def check_params(space: Space, params: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: {unknown[0]!r} is not a parameter of space {space.name} "
                           f"(its parameters: {', '.join(space.param_names())})")
     try:
-        resolve(space, optuna.trial.FixedTrial(params))
-    except ValueError as exc:  # FixedTrial: a parameter the point needs is missing, or out of range
+        resolve(space, _strict_replay(optuna)(params))
+    except ValueError as exc:  # a parameter the point needs is missing, or outside its distribution
         raise ConfigError(f"{where}: {str(exc).splitlines()[0]}") from None
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _strict_replay(optuna: Any) -> type:
+    """Optuna's FixedTrial, strict: a value outside its distribution is a ValueError naming the
+    parameter (FixedTrial only warns for a number out of range, and names no parameter for a
+    choice), so a point that does not fit the space is refused, not trained as another point.
+    Made on first use: this module does not import Optuna when it loads."""
+
+    class Strict(optuna.trial.FixedTrial):
+        def __init__(self, params: dict[str, Any]) -> None:
+            super().__init__(params)
+            self._given = params
+
+        def _check(self, name: str, fits: bool, what: str) -> None:
+            if name in self._given and not fits:
+                raise ValueError(f"{name}: {self._given[name]!r} is not {what}")
+
+        def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+            v = self._given.get(name)
+            self._check(name, isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+                        and (v - low) % step == 0, f"a whole number in [{low}, {high}]"
+                        + (f" in steps of {step}" if step != 1 else ""))
+            return super().suggest_int(name, low, high, step=step, log=log)
+
+        def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
+                          log: bool = False) -> float:
+            v = self._given.get(name)
+            self._check(name, isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high,
+                        f"a number in [{low}, {high}]")
+            return super().suggest_float(name, low, high, step=step, log=log)
+
+        def suggest_categorical(self, name: str, choices: Any) -> Any:
+            self._check(name, self._given.get(name) in choices, f"one of {', '.join(map(str, choices))}")
+            return super().suggest_categorical(name, choices)
+
+    return Strict
 
 
 def _parse_repeat(section: str, raw: Any, source: str) -> Repeat:

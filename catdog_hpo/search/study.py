@@ -1,7 +1,8 @@
 """The study in its store: open the storage, create or resume the study, claim a trial.
 
 Storage (the sampler and pruner registries: ``search.samplers``, ``search.pruners``), creating
-or resuming a study (its attributes, the baseline, the grid, ``--enqueue``), heartbeats, and the
+or resuming a study (its attributes, the baseline, the grid, the configs a user asks to run first:
+``--enqueue`` and ``search.warm_start``), heartbeats, and the
 trial budget shared by every worker on every machine. The ``run`` command around it is
 ``search.run``; the loop each worker runs is ``search.worker``.
 
@@ -26,11 +27,11 @@ import optuna
 from catdog_hpo import __version__
 from catdog_hpo.data.provider import ImageProvider
 from catdog_hpo.errors import UserError
-from catdog_hpo.search import optuna_compat
+from catdog_hpo.search import optuna_compat, warm_start
 from catdog_hpo.search.locks import study_lock
 from catdog_hpo.search.objectives import directions
 from catdog_hpo.search.pruners import MULTI_OBJECTIVE_PRUNERS, PRUNERS
-from catdog_hpo.search.record import SAMPLER_STREAMS, StudyKey, TrialKey, tally
+from catdog_hpo.search.record import SAME_SEARCH, SAMPLER_STREAMS, StudyKey, TrialKey, tally
 from catdog_hpo.search.samplers import SAMPLERS, SINGLE_OBJECTIVE_SAMPLERS
 from catdog_hpo.search.settings import RunSettings, overrides_of
 from catdog_hpo.search.space_files import base_image_size, check_installed, load_space
@@ -88,32 +89,48 @@ def study_attrs(settings: RunSettings, space: Space, data_fingerprint: str) -> d
     }
 
 
-# What must match for a rerun to continue a study (anything else would mix incomparable trials).
-# The sampler may change (random start, then TPE): every sampler reads the same trials.
-_MUST_MATCH = (StudyKey.SPACE_FINGERPRINT, StudyKey.DATA, StudyKey.DATA_FINGERPRINT, StudyKey.EPOCHS)
-
-
 _OPEN_ENDED = 100  # the trial count samplers size their start-up phase by when only --budget bounds the study
 
 
-def _enqueue_first(study: optuna.Study, settings: RunSettings, space: Space, again: bool) -> None:
+def _enqueue_first(study: optuna.Study, settings: RunSettings, space: Space, again: bool,
+                   warm: warm_start.Plan) -> None:
     """A new study's first trials: the space's baseline (trial 0; not with the grid, whose points
-    are the design, nor with --no-baseline), then the user's --enqueue configs."""
-    if settings.baseline and space.baseline is not None and settings.sampler != "grid":
-        study.enqueue_trial(space.baseline, user_attrs={TrialKey.BASELINE: True}, skip_if_exists=again)
-    _enqueue_user(study, settings, skip_if_exists=again)
+    are the design, nor with --no-baseline), then the configs the user asked for."""
+    baseline = _baseline_of(settings, space)
+    if baseline is not None:
+        study.enqueue_trial(baseline, user_attrs={TrialKey.BASELINE: True}, skip_if_exists=again)
+    _enqueue_user(study, settings, warm, skip_if_exists=again)
 
 
-def _enqueue_user(study: optuna.Study, settings: RunSettings, skip_if_exists: bool) -> None:
-    for params in settings.enqueue:
-        study.enqueue_trial(params, user_attrs={TrialKey.ENQUEUED_FROM: settings.enqueue_from},
-                            skip_if_exists=skip_if_exists)
+def _baseline_of(settings: RunSettings, space: Space) -> dict[str, Any] | None:
+    """The config a new study runs as trial 0: the space's baseline, unless --no-baseline or the
+    grid (whose points are the design)."""
+    return space.baseline if settings.baseline and settings.sampler != "grid" else None
+
+
+def _enqueue_user(study: optuna.Study, settings: RunSettings, warm: warm_start.Plan, skip_if_exists: bool) -> None:
+    """The one queue of configs a user asks to run first: --warm-start's sources' best (right
+    after the baseline), then the --enqueue file's; admission asks them only to finish in time."""
+    asked = [*warm.queued, *((p, {TrialKey.ENQUEUED_FROM: settings.enqueue_from}) for p in settings.enqueue)]
+    for params, attrs in asked:
+        study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=skip_if_exists)
+
+
+def _warm_plan(settings: RunSettings, space: Space, wanted: dict[str, Any], have: dict[str, Any],
+               loaded: list[warm_start.Loaded]) -> warm_start.Plan:
+    """What the loaded --warm-start sources not yet applied to the study (``have``: its
+    attributes, read under the lock) give it."""
+    done = set(have.get(StudyKey.WARM_STARTED_FROM) or ())
+    todo = [src for src in loaded if src.source.label not in done]
+    baseline = _baseline_of(settings, space)  # a source's best that is the baseline runs once
+    return warm_start.plan(todo, space, settings.warm_start_top, wanted, [baseline] if baseline else [])
 
 
 def create_or_resume(settings: RunSettings, storage: optuna.storages.BaseStorage, space: Space,
-                     data_fingerprint: str) -> tuple[optuna.Study, int]:
+                     data_fingerprint: str, warm: list[warm_start.Loaded] | None = None) -> tuple[optuna.Study, int]:
     """The study, created (with its grid enqueued) or reopened after checking it is the same
-    search; returns it with the number of grid points (0 for other samplers)."""
+    search; returns it with the number of grid points (0 for other samplers). ``warm``: the
+    --warm-start sources not applied yet (warm_start.pending), read."""
     pruner = PRUNERS[settings.pruner](_epochs_of(space, settings))
     wanted = study_attrs(settings, space, data_fingerprint)
     # The grid is enumerated before the study exists: a refused grid (too large, a parameter
@@ -133,9 +150,11 @@ def create_or_resume(settings: RunSettings, storage: optuna.storages.BaseStorage
             # A study left half-made by a crash in here has some points queued already.
             again = bool(study.get_trials(deepcopy=False))
             random.Random(settings.seed).shuffle(points)  # any prefix of the grid is spread out
-            _enqueue_first(study, settings, space, again)
+            plan = _warm_plan(settings, space, wanted, have, warm or [])
+            _enqueue_first(study, settings, space, again, plan)
             for params in points:
                 study.enqueue_trial(params, skip_if_exists=again)
+            warm_start.record(study, plan)  # after the queue: a history trial is no reason to skip a config
             if points:
                 study.set_user_attr(StudyKey.GRID_SIZE, len(points))
             study.set_metric_names(list(settings.objectives))  # the dashboard's names for the values
@@ -146,16 +165,18 @@ def create_or_resume(settings: RunSettings, storage: optuna.storages.BaseStorage
     if made_with != list(settings.objectives):
         raise UserError(f"study {settings.study!r} was made with --objectives {','.join(made_with)}, this run has "
                         f"{','.join(settings.objectives)}: pass another --study name to start a new study")
-    for key in _MUST_MATCH:
+    for key in SAME_SEARCH:
         if have.get(key) != wanted[key]:
             raise UserError(
                 f"study {settings.study!r} was made with {key.replace('_', ' ')} {have.get(key)!r}, "
                 f"this run has {wanted[key]!r}: pass another --study name to start a new study"
             )
     _record_sampler(study, storage, settings, have)
-    if settings.enqueue:  # a resumed study runs the user's --enqueue configs next (once each)
+    if settings.enqueue or warm:  # a resumed study runs the user's configs next (once each)
         with study_lock(storage, settings.storage, settings.study):
-            _enqueue_user(study, settings, skip_if_exists=True)
+            plan = _warm_plan(settings, space, wanted, study.user_attrs, warm or [])
+            _enqueue_user(study, settings, plan, skip_if_exists=True)
+            warm_start.record(study, plan)
     return study, int(have.get(StudyKey.GRID_SIZE, 0))
 
 
@@ -271,8 +292,20 @@ def open_study(settings: RunSettings, device: str) -> Opened:
     images = ImageProvider(settings.data, settings.studies_dir / "cache", torch.device(device))
     fingerprint = images.get(base_image_size(space)).fingerprint
     storage = open_run_storage(settings.storage, settings.heartbeat)
-    study, grid = create_or_resume(settings, storage, space, fingerprint)
+    study, grid = create_or_resume(settings, storage, space, fingerprint, _warm_sources(settings, storage))
     return Opened(space, storage, study, grid, images)
+
+
+def _warm_sources(settings: RunSettings, storage: BaseStorage) -> list[warm_start.Loaded]:
+    """The --warm-start sources this study has not been warm-started from yet, read (a rerun or
+    a spawned worker of the same command reads none)."""
+    if not settings.warm_start:
+        return []
+    if settings.sampler == "grid":
+        raise UserError("--warm-start with --sampler grid: a grid study runs its grid's points only, "
+                        "so another study's configs have no place in it (use another sampler)")
+    own = warm_start.WarmSource(settings.study, settings.storage)
+    return [warm_start.load(src, own) for src in warm_start.pending(storage, settings.study, settings.warm_start)]
 
 
 def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

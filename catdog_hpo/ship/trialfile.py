@@ -80,6 +80,10 @@ def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
         have = f"0 to {max(by_number)}" if by_number else "none"
         raise UserError(f"--trial {number}: study {study.study_name!r} has no trial {number} (trials: {have})")
     trial = by_number[number]
+    copied = trial.user_attrs.get(TrialKey.WARM_HISTORY_FROM)
+    if copied:  # it never ran in this study: its own study has its files
+        raise UserError(f"--trial {number}: a --warm-start history trial, copied from {copied}; "
+                        "export it from that study")
     if not finished_complete(trial):
         rec = TrialRecord.from_trial(trial)
         why = rec.why or (f"stopped early after epoch {rec.stopped_early}" if rec.stopped_early else "")

@@ -285,7 +285,7 @@ def _summary_html(study: optuna.Study) -> str:
 
         return (f"<ul>{items}<li>objectives: {html.escape(', '.join(names_of(study)))}; "
                 f"{len(front_trials(study))} trials on the Pareto front</li></ul>")
-    best = study.best_trial
+    best = top_trials(study, 1)[0]  # not Optuna's best_trial: it may pick a --warm-start history trial
     return (f"<ul>{items}<li>best: trial {best.number}, value {_fmt_value(best.value)}, "
             f"{html.escape(format_params(best.params))}</li></ul>")
 

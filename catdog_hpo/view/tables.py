@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from catdog_hpo.search.record import OUTCOMES, StudyInfo, TrialRecord, finished_complete, outcome
+from catdog_hpo.search.record import OUTCOMES, StudyInfo, TrialRecord, finished_complete, from_history, outcome
 
 if TYPE_CHECKING:
     import optuna
@@ -31,7 +31,7 @@ def study_summaries(storage: BaseStorage) -> list[dict[str, Any]]:
     for name in optuna.get_all_study_names(storage):  # in the storage's order: oldest first
         study = optuna.load_study(study_name=name, storage=storage)
         info = StudyInfo.from_study(study)
-        trials = study.get_trials(deepcopy=False)
+        trials = [t for t in study.get_trials(deepcopy=False) if not from_history(t)]  # the study's own
         counts = Counter(outcome(t) for t in trials)
         starts = [t.datetime_start for t in trials if t.datetime_start is not None]
         rows.append({
@@ -67,7 +67,8 @@ def format_trials(trials: Sequence[FrozenTrial]) -> str:
     headers = ["#", "value", "state", "epochs", "s/epoch", "pred s", "meas s", "params", "hyperparameters"]
     recs = [TrialRecord.from_trial(t) for t in trials]
     # pred s: the cost model's seconds for all epochs, before training; meas s: the epochs run.
-    body = [[t.number, _fmt_value(t.value), outcome(t) + (" (baseline)" if r.baseline else ""),
+    body = [[t.number, _fmt_value(t.value),
+             outcome(t) + (" (baseline)" if r.baseline else " (warm start)" if r.warm_start_from else ""),
              _or_dash(r.epochs_run), _fmt_float(r.sec_per_epoch, 2), _fmt_float(r.predicted_s, 1),
              _fmt_float(r.measured_s, 1), _fmt_count(r.n_params),
              format_params(t.params)] for t, r in zip(trials, recs)]
@@ -77,7 +78,8 @@ def format_trials(trials: Sequence[FrozenTrial]) -> str:
 def study_header(study: optuna.Study) -> str:
     """Lines describing a study: its settings (user attrs) and its trials by state."""
     info = StudyInfo.from_study(study)
-    trials = study.get_trials(deepcopy=False)
+    everything = study.get_trials(deepcopy=False)
+    trials = [t for t in everything if not from_history(t)]  # a warm start's history ran elsewhere
     recs = [TrialRecord.from_trial(t) for t in trials]
     counts = Counter(outcome(t) for t in trials)
     rejected = sum(1 for r in recs if r.rejected is not None)
@@ -96,6 +98,7 @@ def study_header(study: optuna.Study) -> str:
     if base is not None and best is not None and base.value is not None:
         lines.append(f"best {best:.4f}: {100 * (best - base.value):+.1f} points over the baseline "
                      f"(trial {base.number}, {base.value:.4f})")
+    lines += _warm_start_lines(info, recs, [TrialRecord.from_trial(t) for t in everything if from_history(t)])
     if info.budget_s is not None:
         from catdog_hpo.search.budget import spent_seconds
         from catdog_hpo.search.durations import format_duration
@@ -105,6 +108,19 @@ def study_header(study: optuna.Study) -> str:
                       for t, r in zip(trials, recs) if t.state.name == "FAIL")
     lines += [f"failed x{n}: {reason}" for reason, n in reasons.most_common(3)]
     return "\n".join(lines)
+
+
+def _warm_start_lines(info: StudyInfo, recs: list[TrialRecord], history: list[TrialRecord]) -> list[str]:
+    """One line per --warm-start source: the trials that reran its configs, its history trials."""
+    lines = []
+    for source in info.warm_started_from:
+        ran = [r.number for r in recs if (r.warm_start_from or "").rsplit("#", 1)[0] == source]
+        copied = sum((r.warm_history_from or "").rsplit("#", 1)[0] == source for r in history)
+        lines.append(f"warm start from {source}: its best configs are trials "
+                     f"{', '.join(map(str, ran)) or '- (none fitted this space)'}; "
+                     + (f"{copied} of its trials are the sampler's history (not counted)" if copied
+                        else "no history (another space, data or epochs)"))
+    return lines
 
 
 def _best_value(trials: Sequence[FrozenTrial], directions: Sequence[Any]) -> float | None:
