@@ -159,13 +159,14 @@ def read_study(name: str, storage: str) -> dict[str, Any]:
     from optuna.trial import TrialState
 
     from catdog_hpo.search.budget import spent_seconds
-    from catdog_hpo.search.record import StudyInfo, TrialRecord, counts_toward_n
+    from catdog_hpo.search.record import StudyInfo, TrialRecord, counts_toward_n, from_history
     from catdog_hpo.search.study import baseline_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=name, storage=storage)
     info = StudyInfo.from_study(study)
-    trials = study.get_trials(deepcopy=False)
+    # its own trials: a --warm-start history trial ran in another study (bench/warm_start.py)
+    trials = [t for t in study.get_trials(deepcopy=False) if not from_history(t)]
     records = [TrialRecord.from_trial(t) for t in trials]
     done = [t for t, r in zip(trials, records)
             if t.state == TrialState.COMPLETE and t.value is not None and not r.rejected]
