@@ -3,6 +3,7 @@ history when it searched the same space and data (search.warm_start)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -83,6 +84,13 @@ def test_warm_start_from_a_study_in_the_same_store(workdir: Path, capsys: pytest
     assert "finished 4/4: 4 complete" in shown and "(warm start)" in shown
     best_shown = {int(m) for m in re.findall(r"^\s*(\d+)\s", shown.split("-----", 1)[1], re.M)}
     assert best_shown <= {t.number for t in own}
+    assert main(["show", "--study", "dst", "--storage", url, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["history_trials"] == 4 and doc["states"]["COMPLETE"] == 4
+    assert doc["settings"]["warm_started_from"] == [f"src@{url}"]
+    assert {b["number"] for b in doc["best"]} <= {t.number for t in own}
+    assert {b["warm_start_from"] for b in doc["best"] if b["warm_start_from"]} <= {
+        t.user_attrs[TrialKey.WARM_START_FROM] for t in warm}
     # A rerun (resume, more trials) applies the source no second time.
     again = settings(workdir, study="dst", trials=5, warm_start=(parse_source("src", url),), warm_start_top=2)
     assert run(again) == 0
@@ -144,6 +152,24 @@ def test_history_trials_stay_out_of_n_the_budget_and_the_best(tmp_path: Path) ->
     guard = Guard.__new__(Guard)
     guard.plan = Plan(trials=10, workers=1)
     assert guard.ran_share(4, trials) == guard.ran_share(4, [t for t in trials if not from_history(t)])
+
+
+def test_history_curves_set_the_median_bar_but_not_sha_rungs(tmp_path: Path) -> None:
+    """Median: a history trial's curve is a completed trial's curve (a bar from the first new
+    trial). SHA: its rungs are system attributes, not copied, so history promotes nothing."""
+    from catdog_hpo.search.pruners import PRUNERS
+    from catdog_hpo.search.warm_start import _copied
+
+    source = make_study(f"sqlite:///{tmp_path}/s.db", "src", n_complete=5, n_pruned=0, n_failed=0, n_rejected=0,
+                        epochs=4)
+    copied = [_copied(t, "src@x") for t in source.trials]
+    for name, prunes in (("median", True), ("sha", False)):
+        study = optuna.create_study(direction="maximize", pruner=PRUNERS[name](4))
+        study.add_trials(copied)
+        trial = study.ask(dict(source.trials[0].distributions))
+        for epoch in (1, 2):
+            trial.report(0.01, epoch)  # far below every source curve
+        assert bool(trial.should_prune()) is prunes, name
 
 
 def test_bad_warm_start_values_are_one_line_errors(workdir: Path, capsys: pytest.CaptureFixture) -> None:

@@ -31,7 +31,10 @@ def _handle(args: argparse.Namespace) -> int:
     if args.json:
         from catdog_hpo.view.json_out import dumps, study_document
 
-        top = study.best_trials if len(study.directions) > 1 else top_trials(study, args.top)
+        from catdog_hpo.search.pareto import front_trials
+
+        # front_trials, not Optuna's best_trials: the front of the study's own completed trials
+        top = front_trials(study) if len(study.directions) > 1 else top_trials(study, args.top)
         if args.csv is not None:
             write_trials_csv(study, args.csv)  # stdout stays one JSON document
         print(dumps(study_document(study, top)))

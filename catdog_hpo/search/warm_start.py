@@ -165,12 +165,15 @@ def _copied(trial: FrozenTrial, label: str) -> FrozenTrial:
     """``trial`` as a history trial of this study: its params, values and state, marked.
 
     It keeps its per-epoch intermediate values. The sources searched the same space, data and
-    epochs, so its curve measures what this study's trials do, and with it TPE and CMA-ES rank a
+    epochs, so its curve measures what this study's trials do: with it TPE and CMA-ES rank a
     pruned history trial by its last accuracy as they rank their own, and the median and patient
-    pruners (which compare with completed trials' curves) have a bar from the first new trial,
-    as a warm start should. SHA and Hyperband rank by rung records kept in trial system
-    attributes, which are not copied: those are the source pruner's bookkeeping (its rungs, its
-    promotions under its sampler), not measurements, so they rank this study's trials only."""
+    pruners (the median of completed trials' curves at an epoch) have a bar from the first new
+    trial (the baseline and the replayed configs too), as a warm start should. Without the
+    curves those pruners would be worse off than cold: Optuna counts completed history trials
+    toward their start-up trials, then takes the median over the few own trials that have the
+    epoch. SHA and Hyperband rank by rung records kept in trial system attributes, which are not
+    copied (the source pruner's bookkeeping of its promotions, not measurements), and the
+    Pareto rule reads finished_complete trials: those rank this study's own trials only."""
     from optuna.trial import TrialState, create_trial
 
     keep = {k: trial.user_attrs[k] for k in _KEPT if k in trial.user_attrs}

@@ -13,7 +13,7 @@ from collections import Counter
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from catdog_hpo.search.record import OUTCOMES, StudyInfo, TrialRecord, outcome
+from catdog_hpo.search.record import OUTCOMES, StudyInfo, TrialRecord, from_history, outcome
 
 if TYPE_CHECKING:
     import optuna
@@ -59,6 +59,7 @@ def trial_document(trial: FrozenTrial) -> dict[str, Any]:
         "flops": rec.flops,
         "device": rec.device,
         "why": rec.why or None,
+        "warm_start_from": rec.warm_start_from,
         "started": trial.datetime_start,
         "finished": trial.datetime_complete,
     }
@@ -69,7 +70,8 @@ def study_document(study: optuna.Study, top: list[FrozenTrial]) -> dict[str, Any
     trials for one objective, the Pareto front for several)."""
     info = dataclasses.asdict(StudyInfo.from_study(study))
     info.pop("name")
-    trials = study.get_trials(deepcopy=False)
+    everything = study.get_trials(deepcopy=False)
+    trials = [t for t in everything if not from_history(t)]  # a --warm-start history trial ran elsewhere
     counts = Counter(outcome(t) for t in trials)
     return {
         "study": study.study_name,
@@ -77,5 +79,6 @@ def study_document(study: optuna.Study, top: list[FrozenTrial]) -> dict[str, Any
         "settings": info,
         "trials": len(trials),
         "states": {state: counts.get(state, 0) for state in OUTCOMES},
+        "history_trials": len(everything) - len(trials),
         "best": [trial_document(t) for t in top],
     }
