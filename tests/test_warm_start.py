@@ -198,6 +198,21 @@ def test_bad_warm_start_values_are_one_line_errors(workdir: Path, capsys: pytest
     assert not (workdir / "missing.db").exists()
 
 
+def test_warm_start_in_a_run_config_file(tmp_path: Path) -> None:
+    """A list (or one value) under warm-start: is one --warm-start per item."""
+    from catdog_hpo.cli import build_parser
+    from catdog_hpo.cli import run as run_command
+    from catdog_hpo.cli.config_file import apply_config_file
+
+    for given, wanted in ((["a", "b@sqlite:///x.db"], ["a", "b@sqlite:///x.db"]), ("a", ["a"])):
+        (tmp_path / "study.yaml").write_text(yaml.safe_dump({"warm-start": given, "warm-start-top": 2}))
+        argv = ["run", "--config", str(tmp_path / "study.yaml")]
+        args = build_parser().parse_args(argv)  # builds run's parser, which --config re-reads
+        assert run_command._PARSER is not None
+        apply_config_file(run_command._PARSER, args, argv[1:], tmp_path / "study.yaml")
+        assert args.warm_start == wanted and args.warm_start_top == 2
+
+
 def test_parse_source_splits_at_the_first_at() -> None:
     assert parse_source("s", "sqlite:///a.db") == WarmSource("s", "sqlite:///a.db")
     assert parse_source("s@postgresql://u:pw@h/db", "x") == WarmSource("s", "postgresql://u:pw@h/db")

@@ -56,7 +56,13 @@ def _convert(action: argparse.Action, value: Any, where: str) -> Any:
         return None  # the flag's "not given" (e.g. epochs: the space's own)
     if isinstance(value, (dict, bool)):
         raise UserError(f"{where}: expected a value such as the flag takes, got {value!r}")
-    text = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    if isinstance(action, argparse._AppendAction):  # noqa: SLF001 (a repeatable flag: one value or a list)
+        return [_one(action, str(v), where) for v in (value if isinstance(value, list) else [value])]
+    return _one(action, ",".join(str(v) for v in value) if isinstance(value, list) else str(value), where)
+
+
+def _one(action: argparse.Action, text: str, where: str) -> Any:
+    """One value's ``text``, through the flag's type and choices."""
     try:
         converted = action.type(text) if callable(action.type) else text
     except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:

@@ -148,8 +148,7 @@ def _handle(args: argparse.Namespace) -> int:
     if args.warm_start:
         from catdog_hpo.search.warm_start import parse_source
 
-        given = [args.warm_start] if isinstance(args.warm_start, str) else args.warm_start  # a --config value
-        warm_start = tuple(parse_source(text, args.storage) for text in given)
+        warm_start = tuple(parse_source(text, args.storage) for text in args.warm_start)
     if args.timeout is not None and args.timeout <= 0:
         raise UserError(f"--timeout {args.timeout}: must be more than 0 seconds")
     from catdog_hpo.engine.device import assign_gpus, parse_gpus, resolve_device
