@@ -108,7 +108,7 @@ def test_warm_start_from_another_file_and_space(workdir: Path, capsys: pytest.Ca
     assert run(src) == 0
     numbers = {t.params["block0.channels"]: t.number for t in load(src).trials}
     s = settings(workdir, study="dst", space=str(workdir / "narrow.yaml"), trials=2, baseline=False,
-                 warm_start=(parse_source(f"src@{other}", "sqlite:///unused.db"),), warm_start_top=2)
+                 warm_start=(parse_source(f"src@{other}", "sqlite:///unused.db"),) * 2, warm_start_top=2)  # twice: once
     capsys.readouterr()
     assert run(s) == 0
     out = capsys.readouterr().out.splitlines()

@@ -305,7 +305,8 @@ def _warm_sources(settings: RunSettings, storage: BaseStorage) -> list[warm_star
         raise UserError("--warm-start with --sampler grid: a grid study runs its grid's points only, "
                         "so another study's configs have no place in it (use another sampler)")
     own = warm_start.WarmSource(settings.study, settings.storage)
-    return [warm_start.load(src, own) for src in warm_start.pending(storage, settings.study, settings.warm_start)]
+    named = list(dict.fromkeys(settings.warm_start))  # a source named twice is read (and applied) once
+    return [warm_start.load(src, own) for src in warm_start.pending(storage, settings.study, named)]
 
 
 def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
