@@ -124,6 +124,20 @@ def test_warm_start_from_another_file_and_space(workdir: Path, capsys: pytest.Ca
     assert not any(from_history(t) for t in study.trials) and tally(study.trials)[0] == 2
 
 
+def test_two_workers_apply_the_warm_start_once_and_stop_at_n(workdir: Path) -> None:
+    src = settings(workdir, study="src", trials=3, seed=1)
+    assert run(src) == 0
+    s = settings(workdir, study="dst", trials=4, workers=2, devices=("cpu", "cpu"),
+                 warm_start=(parse_source("src", src.storage),), warm_start_top=2)
+    assert run(s) == 0  # the parent applies it; each spawned worker opens the study and finds it applied
+    study = load(s)
+    assert sum(from_history(t) for t in study.trials) == 3 and tally(study.trials)[0] == 4
+    assert study.user_attrs[StudyKey.WARM_STARTED_FROM] == [f"src@{src.storage}"]
+    assert len({t.user_attrs[TrialKey.WARM_START_FROM] for t in study.trials
+                if TrialKey.WARM_START_FROM in t.user_attrs}) == \
+        sum(TrialKey.WARM_START_FROM in t.user_attrs for t in study.trials)
+
+
 def test_history_trials_stay_out_of_n_the_budget_and_the_best(tmp_path: Path) -> None:
     """What every reader of a study does with a history trial better than any of its own."""
     from catdog_hpo.search.budget import Guard, Plan
