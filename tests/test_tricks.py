@@ -178,6 +178,36 @@ def test_tta_changes_validation_only_and_scores_as_retrain_does(data: ImageSet) 
     assert scored(with_keys(cfg, tta=True), tta.best_state, data) == tta.best_val_acc
 
 
+def test_the_inference_costs_count_both_forwards_of_tta_and_training_one() -> None:
+    """A TTA config ships two forwards per image: the flops objective and --max-flops count both, the
+    latency objective times the flip-averaged model; the recorded FLOPS stays one forward of the
+    network, what the training cost model prices (training never flips)."""
+    from catdog_hpo.engine.cost import workload
+    from catdog_hpo.engine.models import model_cost
+    from catdog_hpo.search.limits import Limits, check_cost
+    from catdog_hpo.search.record import TrialKey
+    from catdog_hpo.search.trial import Goal, _costs
+
+    plain, tta = with_keys(config()), with_keys(config(), tta=True)
+    one = model_cost(plain.model, 2, plain.image_size).flops
+    costs = {cfg.augment.tta: check_cost(cfg, 2, Limits()) for cfg in (plain, tta)}
+    assert [costs[t][TrialKey.FLOPS] for t in (False, True)] == [one, one]
+    assert [costs[t][TrialKey.INFERENCE_FLOPS] for t in (False, True)] == [one, 2 * one]
+    check_cost(plain, 2, Limits(max_flops=one))
+    with pytest.raises(ConfigError, match=f"{2 * one:,} FLOPs per image \\(2 forwards of {one:,}: augment.tta\\) > --max-flops"):
+        check_cost(tta, 2, Limits(max_flops=one))
+    train = [workload(cfg, costs[cfg.augment.tta][TrialKey.FLOPS], 1, 2, 64, 16) for cfg in (plain, tta)]
+    assert [(w.flops, w.val_passes) for w in train] == [(one, 1), (one, 2)]  # training: one forward either way
+
+    goal = Goal(objectives=("accuracy", "flops", "latency"))
+    for cfg in (plain, tta):
+        trial = optuna.create_study(directions=["maximize", "minimize", "minimize"]).ask()
+        got = _costs(trial, cfg, 2, costs[cfg.augment.tta], CPU, goal)
+        assert got["flops"] == (2 * one if cfg.augment.tta else one)
+        flipped = "test-time flip averaging (2 network forwards)" in trial.user_attrs[TrialKey.LATENCY_METHOD]
+        assert flipped == cfg.augment.tta and got["latency"] == trial.user_attrs[TrialKey.LATENCY_MS] > 0
+
+
 # --------------------------------------------------------------------------- the files and predict
 
 
@@ -241,6 +271,9 @@ def test_retrain_scores_exports_and_cards_the_tricks(tmp_path: Path) -> None:
     assert onnx_session(done.out / "model.onnx")[1].tta
     card = (done.out / "MODEL_CARD.md").read_text()
     assert "flip averaging is inside model.ts, model.onnx and model.pt2" in card
+    # the card's cost is the files': two forwards of the network per image, timed together
+    assert m["inference_flops"] == 2 * m["flops"] and "flip averaging" in m["latency"]["method"]
+    assert f"{m['inference_flops']:,} FLOPs per image as shipped (2 forwards of {m['flops']:,}: flip averaging)" in card
     assert "moving average of the weights (decay 0.9 per step)" in card
 
 

@@ -68,7 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_deterministic_arg(p)
     p.add_argument("--gpus", default=None, metavar="IDS", help="GPUs to spread workers over, e.g. 0,1 (default: all visible)")
     p.add_argument("--max-params", type=positive_int, default=None, metavar="N", help="turn away configs with more parameters")
-    p.add_argument("--max-flops", type=positive_int, default=None, metavar="N", help="turn away configs with more forward FLOPs per image")
+    p.add_argument("--max-flops", type=positive_int, default=None, metavar="N",
+                   help="turn away configs with more FLOPs per image as shipped (both forwards with augment.tta)")
     p.add_argument("--heartbeat", type=positive_int, default=10, metavar="S",
                    help="seconds between trial heartbeats; a trial silent for 3x this is failed and retried (default: 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (trial lines only)")

@@ -130,7 +130,11 @@ def layer_stats(model: ModelConfig, num_classes: int, image_size: int) -> tuple[
 
 def workload(cfg: TrialConfig, flops: int, params: int, num_classes: int, n_train: int, n_val: int,
              features_cached: bool = False) -> Workload:
+    """What ``cfg`` asks of the device. ``flops``: one forward of the network per image
+    (TrialKey.FLOPS), not the shipped model's inference figure: training runs the network once per
+    image, and only validation repeats it with augment.tta (``val_passes``)."""
     from catdog_hpo.engine import heads
+    from catdog_hpo.engine.tta import forwards_per_image
 
     if heads.applies(cfg):
         # Frozen backbone: every epoch trains only the head on cached backbone features
@@ -144,7 +148,7 @@ def workload(cfg: TrialConfig, flops: int, params: int, num_classes: int, n_trai
     update = UPDATE_FLOPS + (EMA_FLOPS if cfg.train.ema > 0 else 0) + (L1_FLOPS if cfg.optim.l1 > 0 else 0)
     return Workload(flops=flops, params=params, layers=layers, image_size=cfg.image_size,
                     batch_size=cfg.train.batch_size, n_train=n_train, n_val=n_val, epochs=cfg.train.epochs,
-                    acts=acts, val_passes=2 if cfg.augment.tta else 1, update_flops=update)
+                    acts=acts, val_passes=forwards_per_image(cfg), update_flops=update)
 
 
 # Three reference CNNs, each dominated by another term: a tiny one at a small batch (its epoch is

@@ -5,7 +5,9 @@ on the weight values, and nothing is downloaded), put in eval mode, and timed un
 ``torch.inference_mode`` in float32 on the device it would ship to (the CPU by default). A few
 warm-up forwards run first (allocator, cuDNN autotuning, lazy init); the median of the timed
 runs is robust to the odd slow run a busy machine adds. The ``method`` string records all of this
-beside the number, so a latency is never read without knowing how it was taken.
+beside the number, so a latency is never read without knowing how it was taken. A model with
+test-time flip averaging (``engine.tta.FlipAverage``, as shipped with ``augment.tta``) is timed
+whole, both forwards, and its method says so.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from catdog_hpo.config import ModelConfig
+from catdog_hpo.engine.tta import FlipAverage, with_tta
 
 REPEATS = 30  # timed forwards (fewer when MAX_SECONDS runs out first)
 WARMUP = 5  # untimed forwards before timing
@@ -82,19 +85,21 @@ def _measure(model: nn.Module, image_size: int, device: torch.device, repeats: i
                 break
     n = torch.get_num_threads()
     threads = f", {n} CPU thread{'s' if n != 1 else ''}" if device.type == "cpu" else ""
-    method = (f"batch-1 forward, {image_size}x{image_size} px, float32, eval mode, torch.inference_mode, "
+    tta = ", test-time flip averaging (2 network forwards)" if isinstance(model, FlipAverage) else ""
+    method = (f"batch-1 forward{tta}, {image_size}x{image_size} px, float32, eval mode, torch.inference_mode, "
               f"median of {len(times)} timed runs after {warmup} warm-up, on {device}{threads}; "
               f"torch {torch.__version__}")
     return Latency(ms=round(statistics.median(times), 4), repeats=len(times), device=str(device), method=method)
 
 
 def measure_config(cfg: ModelConfig, num_classes: int, image_size: int, device: torch.device,
-                   repeats: int = REPEATS, warmup: int = WARMUP) -> Latency:
-    """Latency of the architecture ``cfg`` describes (random weights: no download, nothing frozen)."""
+                   repeats: int = REPEATS, warmup: int = WARMUP, tta: bool = False) -> Latency:
+    """Latency of the architecture ``cfg`` describes (random weights: no download, nothing frozen),
+    as shipped: with ``tta`` (augment.tta) wrapped in the flip average the exported files hold."""
     from catdog_hpo.engine.models import build_model
 
     arch = dataclasses.replace(cfg, pretrained=False, weights_file="", freeze_backbone=False)
-    model = build_model(arch, num_classes, image_size)
+    model = with_tta(build_model(arch, num_classes, image_size), tta)
     try:
         return measure_model(model, image_size, device, repeats=repeats, warmup=warmup)
     finally:

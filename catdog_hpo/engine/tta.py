@@ -6,15 +6,32 @@ does): the output stays a logit, so every consumer's softmax and argmax work unc
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from catdog_hpo.config import TrialConfig
 
 
 def flip_average(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Mean of ``forward`` on ``x`` (N x C x H x W) and on ``x`` mirrored left-right (dim 3)."""
     return 0.5 * (forward(x) + forward(torch.flip(x, dims=(3,))))
+
+
+def forwards_per_image(cfg: TrialConfig) -> int:
+    """Forwards of the network per image in the model as shipped (and in validation): 2 with flip
+    averaging (the image and its mirror), else 1. The one home of this factor: the cost model's
+    validation passes, the inference cost objectives, ``run --max-flops`` and the model card read it."""
+    return 2 if cfg.augment.tta else 1
+
+
+def inference_flops(cfg: TrialConfig, flops: int) -> int:
+    """FLOPs per image of the model as shipped: ``flops`` (one forward of the network,
+    engine.models.model_cost) times its forwards per image. The flip and the mean (a few
+    element-wise ops per pixel and logit) are not counted, as no BN or activation is."""
+    return flops * forwards_per_image(cfg)
 
 
 def tta_forward(forward: Callable[[torch.Tensor], torch.Tensor], tta: bool) -> Callable[[torch.Tensor], torch.Tensor]:

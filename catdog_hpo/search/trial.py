@@ -181,8 +181,9 @@ def reject(trial: optuna.Trial, reason: str) -> None:
 
 def _costs(trial: optuna.Trial, cfg: TrialConfig, num_classes: int, cost: dict[str, int],
            device: torch.device, goal: Goal) -> dict[str, float]:
-    """The trial's cost objectives (name -> value, in goal order), known before training; times
-    the latency (recorded with its method) when it is one of them."""
+    """The trial's cost objectives (name -> value, in goal order), known before training, of the
+    model as shipped (``cost``: search.limits.check_cost); times the latency (recorded with its
+    method) when it is one of them."""
     from catdog_hpo.search.objectives import OBJECTIVES
 
     known: dict[str, float] = {k: float(v) for k, v in cost.items()}
@@ -190,7 +191,8 @@ def _costs(trial: optuna.Trial, cfg: TrialConfig, num_classes: int, cost: dict[s
         from catdog_hpo.engine.latency import measure_config
 
         where = device if goal.latency_device == "cuda" and device.type == "cuda" else torch.device(goal.latency_device)
-        latency = measure_config(cfg.model, num_classes, cfg.image_size, where)
+        # The model as shipped: with augment.tta the exported files run the flip average (engine.tta).
+        latency = measure_config(cfg.model, num_classes, cfg.image_size, where, tta=cfg.augment.tta)
         trial.set_user_attr(TrialKey.LATENCY_MS, latency.ms)
         trial.set_user_attr(TrialKey.LATENCY_METHOD, latency.method)
         known[TrialKey.LATENCY_MS] = latency.ms

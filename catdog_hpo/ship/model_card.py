@@ -167,7 +167,7 @@ def render_card(doc: dict[str, Any] | None, m: dict[str, Any], retrain_command: 
         f"- Image classifier over {len(data['classes'])} classes: {', '.join(data['classes'])}",
         f"- Input: RGB, {cfg['image_size']}x{cfg['image_size']} px, scaled to [0, 1] then normalised with "
         f"mean {m.get('normalisation', {}).get('mean', NA)} and std {m.get('normalisation', {}).get('std', NA)}",
-        f"- Architecture: {cfg['model']['family']}; {_v(m['n_params'])} parameters; {_v(m['flops'])} FLOPs per image",
+        f"- Architecture: {cfg['model']['family']}; {_v(m['n_params'])} parameters; {_flops(m)}",
         f"- Latency: {lat.get('ms', NA)} ms ({lat.get('method', NA)})",
         _tta_line(cfg),
         _weights_line(m),
@@ -215,6 +215,15 @@ def render_card(doc: dict[str, Any] | None, m: dict[str, Any], retrain_command: 
         "",
     ]
     return "\n".join(lines)
+
+
+def _flops(m: dict[str, Any]) -> str:
+    """FLOPs per image of the files as shipped (metrics.json's ``inference_flops``; a metrics.json
+    written before it has only the network's one forward, ``flops``)."""
+    one, shipped = m.get("flops"), m.get("inference_flops", m.get("flops"))
+    if not one or not shipped or shipped == one:
+        return f"{_v(shipped)} FLOPs per image"
+    return f"{_v(shipped)} FLOPs per image as shipped ({shipped // one} forwards of {_v(one)}: flip averaging)"
 
 
 def _tta_line(cfg: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from catdog_hpo.config import TrialConfig, to_dict
 from catdog_hpo.data import DataSource, ImageSet
 from catdog_hpo.engine.metrics import mean_std
+from catdog_hpo.engine.tta import inference_flops
 from catdog_hpo.ship.trialfile import ExportInfo, package_versions
 
 if TYPE_CHECKING:
@@ -74,7 +75,8 @@ def metrics_document(settings: RetrainSettings, file_cfg: TrialConfig, cfg: Tria
         "epochs": cfg.train.epochs,
         "device": str(device),
         "n_params": cost.params,
-        "flops": cost.flops,
+        "flops": cost.flops,  # one forward of the network per image
+        "inference_flops": inference_flops(cfg, cost.flops),  # the files as shipped: both forwards with augment.tta
         "seeds": [r.summary() for r in runs],
         "kept_seed": kept.seed,
         "val_acc": _acc_summary(val_accs),
