@@ -245,6 +245,39 @@ def test_workers_of_a_resumed_study_log_into_the_same_parent_run(workdir: Path, 
     assert all(c.data.tags["state"] in ("complete", "pruned", "failed") for c in children.values())
 
 
+def test_a_dead_workers_trial_run_ends_failed_when_another_worker_fails_the_trial_as_stale(workdir: Path,
+                                                                                           uri: str) -> None:
+    """A worker killed mid-trial (SIGKILL: none of its own code runs) leaves its trial RUNNING and
+    its child run RUNNING; the worker that fails the trial as stale at its next claim (Optuna's
+    fail_stale_trials) ends that run FAILED."""
+    import optuna
+
+    from catdog_hpo.search import optuna_compat
+    from catdog_hpo.search.study import open_run_storage
+    from catdog_hpo.search.tracking import TrialRuns
+
+    args = run_args("stale", 1, "--mlflow", uri, "--heartbeat", "1")  # stale after 3 s without a beat
+    assert main(args) == 0  # the study and its parent run, one trial done
+    # The dead worker, as a worker claims: a trial, one heartbeat, its child run; then nothing.
+    storage = open_run_storage("sqlite:///studies/t.db", heartbeat=1)
+    study = optuna.load_study(study_name="stale", storage=storage)
+    trial = study.ask()
+    optuna_compat.record_heartbeat(storage, trial)
+    TrialRuns(uri, study).started(trial)
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(study.user_attrs["mlflow_run_id"])
+    assert trial_runs(client, parent)[trial.number].info.status == "RUNNING"
+    time.sleep(4.5)  # past the 3 s grace period (the database clock counts whole seconds)
+
+    assert main(args) == 0  # another worker: its claim fails the silent trial (its N is already done)
+    study = optuna.load_study(study_name="stale", storage="sqlite:///studies/t.db")
+    assert study.trials[trial.number].state.name == "FAIL"
+    dead = trial_runs(client, parent)[trial.number]
+    assert dead.info.status == "FAILED" and dead.data.tags["state"] == "failed", (dead.info, dead.data.tags)
+    assert "failed as stale" in dead.data.tags["reason"]
+    assert all(r.info.status != "RUNNING" for r in trial_runs(client, parent).values())
+
+
 def test_retrain_logs_the_model_files_metrics_and_card(workdir: Path, uri: str,
                                                       capsys: pytest.CaptureFixture) -> None:
     assert main(run_args("shipped", 1)) == 0

@@ -87,7 +87,7 @@ def _handle(args: argparse.Namespace) -> int:
     )
     result = retrain(settings, log=_log)
     if mlflow is not None:
-        from catdog_hpo.search.tracking import log_retrain
+        from catdog_hpo.ship.retrain_tracking import log_retrain
 
         where = log_retrain(mlflow, result.out, args.config, result.metrics)
         if where is not None:

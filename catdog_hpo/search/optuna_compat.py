@@ -13,7 +13,8 @@ bumping it, check these few lines against the new source.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 from optuna.storages import _heartbeat
 
@@ -53,6 +54,37 @@ def record_heartbeat(storage: BaseStorage, trial: optuna.Trial) -> None:
     """One heartbeat for ``trial`` now (``storage`` must have heartbeats enabled)."""
     assert isinstance(storage, BaseHeartbeat)
     storage.record_heartbeat(trial_id(trial))
+
+
+StaleCallback = Callable[["optuna.Study", "FrozenTrial"], None]
+
+
+@dataclass(frozen=True)
+class _AlsoOnStale:
+    """The storage's own stale-trial callback (the retry), then ``then``, even when it raises."""
+
+    own: StaleCallback | None
+    then: StaleCallback
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        try:
+            if self.own is not None:
+                self.own(study, trial)
+        finally:
+            self.then(study, trial)
+
+
+def also_on_stale(storage: BaseStorage, then: StaleCallback) -> None:
+    """Call ``then(study, trial)`` for each trial this process fails as stale (``fail_stale_trials``,
+    which the claim runs), after the storage's own callback (search.study: the retry). Optuna reads
+    the callback from the storage's ``heartbeat_stale_trial_callback`` attribute at each check
+    (RDBStorage and our stores keep it there), and the storage is opened before the worker knows
+    what to add. A later call replaces the earlier ``then``: one worker, one listener."""
+    if not heartbeat_enabled(storage):
+        return  # nothing is ever failed as stale
+    own = storage.get_heartbeat_stale_trial_callback()
+    own = own.own if isinstance(own, _AlsoOnStale) else own
+    storage.heartbeat_stale_trial_callback = _AlsoOnStale(own, then)
 
 
 def bump_study_counter(storage: BaseStorage, study: optuna.Study, key: str) -> int:

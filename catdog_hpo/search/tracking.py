@@ -1,4 +1,5 @@
-"""MLflow tracking: ``run --mlflow URI`` logs the study, ``retrain --mlflow URI`` the shipped model.
+"""MLflow tracking: ``run --mlflow URI`` logs the study, ``retrain --mlflow URI`` the shipped model
+(``ship.retrain_tracking``, with this module's client).
 
 A study is one parent run; each trial a nested child run (params, ``config.json``, per-epoch
 metrics with the epoch as step, the ``state`` tag, predicted/measured seconds). The parent's id is
@@ -21,10 +22,9 @@ from catdog_hpo.errors import UserError, first_line
 from catdog_hpo.search.record import StudyKey, TrialKey, outcome
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     import optuna
     from optuna.storages import BaseStorage
+    from optuna.trial import FrozenTrial
 
     from catdog_hpo.engine.epochs import EpochStats
 
@@ -38,6 +38,8 @@ EPOCH_METRICS = {"train_loss": "train_loss", "val_loss": "val_loss", "val_acc": 
 # dead server); ours gives up within seconds, once. The user's own settings of these win.
 _QUIET_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+# The reason tag of a trial another worker failed because its own stopped beating (a dead worker).
+STALE = "its worker stopped sending heartbeats (died): failed as stale by another worker"
 _dead: set[str] = set()  # URIs that failed in this process: nothing more is sent there
 
 
@@ -247,6 +249,11 @@ class TrialRuns:
         if parent is not None:
             self.client, self.experiment = client, parent.info.experiment_id
 
+    @property
+    def active(self) -> bool:
+        """Whether trials are tracked (a URI and the study's parent run were found)."""
+        return self.client is not None and self.client.alive
+
     def started(self, trial: optuna.Trial) -> None:
         client = self.client
         if client is None or not client.alive:
@@ -282,8 +289,8 @@ class TrialRuns:
         self._params(trial.number, run_id, frozen.params, ua.get(TrialKey.CONFIG))
         state = state_of(frozen)
         metrics = {key: ua.get(key) for key in (TrialKey.PREDICTED_S, TrialKey.MEASURED_S, TrialKey.N_PARAMS,
-                                                 TrialKey.FLOPS, TrialKey.LATENCY_MS, TrialKey.BEST_EPOCH,
-                                                 TrialKey.EPOCHS_RUN)}
+                                                 TrialKey.FLOPS, TrialKey.INFERENCE_FLOPS, TrialKey.LATENCY_MS,
+                                                 TrialKey.BEST_EPOCH, TrialKey.EPOCHS_RUN)}
         if frozen.values and state == "complete":
             metrics["best_val_acc"] = frozen.values[0]
         reason = ua.get(TrialKey.FAIL_REASON) or ua.get(TrialKey.REJECTED) or ua.get(TrialKey.PRUNED_BY) \
@@ -294,6 +301,21 @@ class TrialRuns:
                    tags=tags)
         client.call(f"end trial {trial.number}'s run",
                     lambda: client.mlflow.set_terminated(run_id, "FAILED" if state == "failed" else "FINISHED"))
+
+    def failed_as_stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """End the child run of ``trial``, which this worker has just failed as stale (Optuna's
+        fail_stale_trials: its worker died, so nothing else would end its run): FAILED. Another
+        process made the run, so it is found by the tags ``started`` sets."""
+        client = self.client
+        if client is None or not client.alive:
+            return
+        query = (f"tags.mlflow.parentRunId = '{self.parent}' and tags.`optuna.trial_number` = '{trial.number}' "
+                 "and attributes.status = 'RUNNING'")
+        found = client.call(f"find trial {trial.number}'s run",
+                            lambda: client.mlflow.search_runs([self.experiment], filter_string=query))
+        for run_id in [run.info.run_id for run in found or ()]:
+            client.log(run_id, f"log trial {trial.number}'s end", tags={"state": "failed", "reason": STALE})
+            client.call(f"end trial {trial.number}'s run", lambda: client.mlflow.set_terminated(run_id, "FAILED"))
 
     def _params(self, number: int, run_id: str, params: dict[str, Any], config: dict[str, Any] | None) -> None:
         if number in self.logged or self.client is None:
@@ -312,39 +334,3 @@ def state_of(trial: optuna.trial.FrozenTrial) -> str:
     if name == "PRUNED":
         return "rejected" if TrialKey.REJECTED in trial.user_attrs else "pruned"
     return {"COMPLETE": "complete", "FAIL": "failed"}.get(name, name.lower())
-
-
-# --------------------------------------------------------------------------- retrain
-
-
-def log_retrain(uri: str, out: Path, config_file: Path, metrics: dict[str, Any]) -> str | None:
-    """One run for a retrain: every file in ``out`` (model files, metrics.json, MODEL_CARD.md,
-    curves.svg) as artifacts, the kept seed's epochs as metrics per step, the headline figures.
-    Returns the run's URL (or id); None after the one warning."""
-    client = Client(uri)
-    experiment = client.experiment_id() if client.alive else None
-    if experiment is None:
-        return None
-    run = client.call("create the retrain's run", lambda: client.mlflow.create_run(
-        experiment, run_name=f"retrain-{config_file.stem}", tags={"catdog_hpo.kind": "retrain"}))
-    if run is None:
-        return None
-    run_id = run.info.run_id
-    for row in metrics.get("history") or ():
-        client.log(run_id, "log the retrain's epochs", step=int(row["epoch"]),
-                   metrics={name: row.get(field) for field, name in EPOCH_METRICS.items()})
-    def pick(key: str, inner: str) -> Any:  # metrics.json's [key][inner], None where absent
-        return (metrics.get(key) or {}).get(inner)
-
-    figures = {"val_acc_mean": pick("val_acc", "mean"), "val_acc_std": pick("val_acc", "std"),
-               "test_acc_mean": pick("test_acc", "mean"), "kept_val_acc": pick("val", "accuracy"),
-               "kept_test_acc": pick("test", "accuracy"), "n_params": metrics.get("n_params"),
-               "flops": metrics.get("flops"), "latency_ms": pick("latency", "ms")}
-    params = {"config_file": str(config_file), "train_on": metrics.get("train_on"), "epochs": metrics.get("epochs"),
-              "kept_seed": metrics.get("kept_seed"), "seeds": len(metrics.get("seeds") or ()),
-              "data": pick("data", "description"), "device": metrics.get("device")}
-    client.log(run_id, "log the retrain's figures", metrics=figures,
-               params={k: v for k, v in params.items() if v is not None})
-    client.call("upload the model files", lambda: client.mlflow.log_artifacts(run_id, str(out)))
-    client.call("end the retrain's run", lambda: client.mlflow.set_terminated(run_id, "FINISHED"))
-    return run_url(uri, experiment, run_id) if client.alive else None

@@ -77,6 +77,8 @@ def work(settings: RunSettings, device: str, deadline: float | None,
     overrides = overrides_of(settings)
     clock, guard = _budget_guard(settings, study, device)
     tracked = TrialRuns(settings.mlflow, study)  # MLflow child runs (does nothing without --mlflow)
+    if tracked.active:  # a dead worker's trial this worker fails at a claim: its run ends FAILED too
+        optuna_compat.also_on_stale(storage, tracked.failed_as_stale)
     fails_in_a_row = 0
     while deadline is None or time.time() < deadline:
         interrupts.check()  # a signal that came during the last trial's store writes
