@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from catdog_hpo.data import DataSource
-from catdog_hpo.search.flat import MIN_TRIALS, flat, noise
+from catdog_hpo.search.flat import MIN_SINCE, MIN_TRIALS, flat, noise
 from catdog_hpo.search.record import counts_toward_n
 from helpers import TINY_SPACE, write_image_folder
 from study_factory import load_run_study, run_settings
@@ -24,13 +24,19 @@ def test_noise_is_the_binomial_standard_error() -> None:
 # (why, finished trials' values in finishing order, answer: None or a phrase of the reason)
 FLAT = [
     ("fewer than MIN_TRIALS: go on", [0.8] * (MIN_TRIALS - 1), None),
-    ("best at trial 1, MIN_TRIALS finished: flat", [0.8] + [0.7] * (MIN_TRIALS - 1), "at finished trial 1"),
+    ("best at trial 1, MIN_TRIALS completed: flat", [0.8] + [0.7] * (MIN_TRIALS - 1), "at completed trial 1"),
     ("best at trial 15 of 20: go on (5 since < 15)", [0.7] * 14 + [0.8] + [0.7] * 5, None),
-    ("best at trial 15 of 30: flat (15 since)", [0.7] * 14 + [0.8] + [0.7] * 15, "the 15 finished since"),
+    ("best at trial 15 of 30: flat (15 since)", [0.7] * 14 + [0.8] + [0.7] * 15, "the 15 completed since"),
     ("a gain within the noise does not reset", [0.7] * 9 + [0.80] + [0.7] * 5 + [0.81] + [0.7] * 4,
-     "at finished trial 10"),
+     "at completed trial 10"),
     ("a gain beyond the noise resets", [0.7] * 9 + [0.80] + [0.7] * 5 + [0.83] + [0.7] * 4, None),
-    ("pruned trials count as trials, not as scores", [0.8] + [None] * (MIN_TRIALS - 1), "at finished trial 1"),
+    # A pruner stops most trials after an epoch or three: they count toward MIN_TRIALS, not as
+    # patience, since only a completed trial could have set a new best.
+    ("pruned trials are no patience", [0.8] + [None] * (MIN_TRIALS - 1), None),
+    (f"{MIN_SINCE - 1} completed since the baseline: go on", [0.8] + [None] * MIN_TRIALS + [0.7] * (MIN_SINCE - 1),
+     None),
+    (f"{MIN_SINCE} completed since the baseline: flat", [0.8] + [None] * MIN_TRIALS + [0.7] * MIN_SINCE,
+     f"the {MIN_SINCE} completed since"),
     ("nothing scored yet", [None] * (MIN_TRIALS + 5), None),
 ]
 
@@ -63,9 +69,9 @@ def test_a_flat_study_stops_after_as_many_trials_again_and_says_why(workdir: Pat
     study = load_run_study(s)
     done = sorted((t for t in study.get_trials() if counts_toward_n(t)), key=lambda t: t.datetime_complete)
     values = [t.value for t in done]
-    best = max(v for v in values if v is not None)
-    reached = next(i for i, v in enumerate(values, start=1) if v is not None and v >= best - noise(best, 16))
-    assert len(done) == max(MIN_TRIALS, 2 * reached) < 200, (len(done), reached, values)
+    # one worker: the study ends at the first trial after which the rule says flat
+    first = next(n for n in range(1, len(values) + 1) if flat(values[:n], 16) is not None)
+    assert len(done) == first < 200, (len(done), values)
     err = capsys.readouterr().err
     assert "stopping: flat: the best val accuracy" in err and "on 16 val images" in err
 
