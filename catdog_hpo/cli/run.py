@@ -55,8 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"configs each --warm-start study gives (default: {choices.WARM_START_TOP})")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--stop-when-flat", action="store_true",
-                   help="end the study once it has run as many trials without beating its best by more than the "
-                   "validation noise as it took to reach it (docs/budget.md)")
+                   help="end the study once as many trials have completed without beating its best by more than the "
+                   "validation noise as before it (docs/budget.md)")
     p.add_argument("--epochs", type=positive_int, default=None, metavar="E", help="epochs per trial (default: the space's)")
     p.add_argument("--study", "--study-name", dest="study", default=None, metavar="NAME",
                    help="study name (default: <space>-<sampler>-<data>)")
