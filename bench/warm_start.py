@@ -18,8 +18,8 @@ is read from its own trials only (bench/budget.py's read_study).
     .venv/bin/python bench/warm_start.py --out runs/warm20
     # quick: 150/75 photos per class (train/val; links, no copies), 2 epochs, 2m per study: about 7 minutes
     .venv/bin/python bench/warm_start.py --quick
-    # smoke (about 2 minutes)
-    .venv/bin/python bench/warm_start.py --dataset synthetic --space quick --epochs 1 --budget 30s
+    # smoke (about 4 minutes; on a loaded machine a 30s budget can leave a study no trial at all)
+    .venv/bin/python bench/warm_start.py --dataset synthetic --space quick --epochs 1 --budget 60s
 
 Prints one markdown table (a row per study) and the comparison line. A study already finished in
 --out is read, not rerun (bench/budget.py's run_study), so an interrupted run goes on.
