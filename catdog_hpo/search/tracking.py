@@ -183,12 +183,10 @@ class StudyRun:
         """The study's figures so far on the parent run, and its status (KILLED: interrupted)."""
         if not self.client.alive:
             return
-        from optuna.trial import TrialState
-
-        from catdog_hpo.search.record import tally
+        from catdog_hpo.search.record import finished_complete, tally
 
         trials = study.get_trials(deepcopy=False)
-        done = [t for t in trials if t.state == TrialState.COMPLETE and outcome(t) == "COMPLETE" and t.values]
+        done = [t for t in trials if finished_complete(t)]  # the study's own: no --warm-start history
         metrics: dict[str, float] = {"finished_trials": tally(trials)[0], "completed_trials": len(done)}
         if done and len(study.directions) == 1:
             metrics["best_val_acc"] = max(t.values[0] for t in done)
