@@ -206,3 +206,19 @@ def test_baseline_needing_a_missing_stage_param_is_refused() -> None:
                                    "model.init": "kaiming_uniform", "optim.l1": 0.0}}
     with pytest.raises(ConfigError, match="res.yaml: baseline: .*stage1.channels"):
         parse_space(data, "res", "res.yaml")
+
+
+def test_a_point_at_the_deepest_depth_past_the_grid_is_a_point_of_the_space() -> None:
+    # seed-cnn searches depth 2..5 and grids 2, 3, 4: a depth-5 config (block4.*) is a point of
+    # the space, so --enqueue and --warm-start replay it (its parameter names once stopped at the
+    # grid's depth, and a warm start skipped a source's three best, all depth 5)
+    from catdog_hpo.search.space_files import check_params
+
+    space = load_space("seed-cnn")
+    point = dict(space.baseline or {}, depth=5)
+    for i in range(3, 5):
+        point.update({f"block{i}.channels": 64, f"block{i}.kernel_size": 3, f"block{i}.convs": 1})
+    check_params(space, point, "test")
+    assert resolve(space, FixedTrial(point)).model.blocks[4].channels == 64
+    with pytest.raises(ConfigError, match="'block5.channels' is not a parameter"):
+        check_params(space, {**point, "block5.channels": 64}, "test")

@@ -135,7 +135,9 @@ class Repeat:
 
     def _max_count(self) -> int:
         if isinstance(self.count, Dist):
-            return int(max(self.count.grid or (self.count.high,)) if self.count.kind == "int" else max(self.count.choices))
+            # the range's top, not the grid's: the grid lists the grid sampler's points only
+            return int(max((self.count.high, *(self.count.grid or ()))) if self.count.kind == "int"
+                       else max(self.count.choices))
         return int(self.count)
 
     def resolve(self, trial: Suggester, picked: dict[str, Any]) -> list[dict[str, Any]]:
