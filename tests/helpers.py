@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -291,3 +292,10 @@ class Proc:
         """(exit code, stdout, stderr) once the process has exited."""
         code = self.popen.wait(timeout=self.wait_s if timeout is None else timeout)
         return code, self.out.read_text(), self.err.read_text()
+
+
+def one_line_error(capsys: pytest.CaptureFixture) -> str:
+    """What a CLI call printed on stderr: exactly one line, no traceback."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()

@@ -26,7 +26,7 @@ from catdog_hpo.cli import build_parser, main
 from catdog_hpo.search.record import StudyKey
 from catdog_hpo.search.run import run
 from catdog_hpo.search.study import count
-from helpers import TINY_SPACE
+from helpers import TINY_SPACE, one_line_error
 from study_factory import run_settings as settings
 from study_factory import make_study
 
@@ -39,12 +39,6 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY_SPACE))
     return tmp_path
-
-
-def one_line_error(capsys: pytest.CaptureFixture) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err.strip()
 
 
 # --------------------------------------------------------------------------- first-run defaults

@@ -30,7 +30,7 @@ from catdog_hpo.cli import main
 from catdog_hpo.search.locks import study_lock
 from catdog_hpo.search.storage import open_storage
 from catdog_hpo.search.study import count
-from helpers import TINY_SPACE
+from helpers import TINY_SPACE, one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -43,12 +43,6 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY_SPACE))
     return tmp_path
-
-
-def one_line_error(capsys: pytest.CaptureFixture) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err.strip()
 
 
 def two_workers_reach_exactly_n(workdir: Path, url: str) -> None:

@@ -36,7 +36,7 @@ from optuna.storages import BaseStorage, GrpcStorageProxy
 
 from catdog_hpo.errors import UserError
 from catdog_hpo.search import optuna_compat
-from catdog_hpo.search.optuna_compat import BaseHeartbeat
+from catdog_hpo.search.optuna_compat import Heartbeats
 
 if TYPE_CHECKING:
     import grpc
@@ -77,7 +77,7 @@ def parse_url(url: str, shown: str) -> tuple[str, int]:
 # --------------------------------------------------------------------------- the workers' side
 
 
-class GrpcStore(GrpcStorageProxy, BaseHeartbeat):
+class GrpcStore(GrpcStorageProxy, Heartbeats):
     """Optuna's gRPC client plus the study lock and heartbeats of ``catdog_hpo.Store``."""
 
     def __init__(self, host: str, port: int, heartbeat_interval: int | None = None, grace_period: int | None = None,
@@ -86,9 +86,7 @@ class GrpcStore(GrpcStorageProxy, BaseHeartbeat):
             warnings.simplefilter("ignore", ExperimentalWarning)
             super().__init__(host=host, port=port)
         self.address = f"{host}:{port}"
-        self.heartbeat_interval = heartbeat_interval
-        self.grace_period = grace_period  # seconds; None = 2 x the interval, as RDBStorage
-        self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
+        self._heartbeats(heartbeat_interval, grace_period, heartbeat_stale_trial_callback)
         self._own: tuple[int, grpc.Channel] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -134,15 +132,8 @@ class GrpcStore(GrpcStorageProxy, BaseHeartbeat):
         self._rpc("Beat")(str(trial_id).encode())
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        assert self.heartbeat_interval is not None
-        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
+        grace = self._grace()
         return json.loads(self._rpc("Stale")(json.dumps({"study_id": study_id, "grace": grace}).encode()))
-
-    def get_heartbeat_interval(self) -> int | None:
-        return self.heartbeat_interval
-
-    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
-        return self.heartbeat_stale_trial_callback
 
 
 def open_grpc(url: str, shown: str, *, create: bool, heartbeat_interval: int | None = None,

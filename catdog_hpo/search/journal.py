@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from catdog_hpo.errors import UserError
 from catdog_hpo.files import file_lock
 from catdog_hpo.search import optuna_compat
-from catdog_hpo.search.optuna_compat import BaseHeartbeat
+from catdog_hpo.search.optuna_compat import Heartbeats
 
 if TYPE_CHECKING:
     import optuna
@@ -56,16 +56,14 @@ def study_lock_path(path: Path) -> Path:
     return Path(f"{path}{STUDY_LOCK_SUFFIX}")
 
 
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+class HeartbeatJournalStorage(JournalStorage, Heartbeats):
     """A journal storage with heartbeats in files beside the journal (see the module doc)."""
 
     def __init__(self, path: Path, heartbeat_interval: int | None = None, grace_period: int | None = None,
                  heartbeat_stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> None:
         super().__init__(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
         self.path = path
-        self.heartbeat_interval = heartbeat_interval
-        self.grace_period = grace_period  # seconds; None = 2 x the interval, as RDBStorage
-        self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
+        self._heartbeats(heartbeat_interval, grace_period, heartbeat_stale_trial_callback)
         self._beats = Path(f"{path}.heartbeats")
 
     def study_lock(self, study_name: str) -> ContextManager[None]:
@@ -87,8 +85,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return changed
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        assert self.heartbeat_interval is not None
-        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
+        grace = self._grace()
         running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
         if not running:
             return []
@@ -108,12 +105,6 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
             if now - last > grace:
                 stale.append(optuna_compat.trial_id(trial))
         return stale
-
-    def get_heartbeat_interval(self) -> int | None:
-        return self.heartbeat_interval
-
-    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
-        return self.heartbeat_stale_trial_callback
 
 
 def open_journal(url: str, shown: str, *, create: bool, heartbeat_interval: int | None = None,

@@ -28,6 +28,28 @@ if TYPE_CHECKING:
 BaseHeartbeat = _heartbeat.BaseHeartbeat
 
 
+class Heartbeats(BaseHeartbeat):
+    """The heartbeat settings our non-RDB stores keep as RDBStorage does: the interval, the grace
+    period and the stale-trial callback; each store supplies its own ``_get_stale_trial_ids``."""
+
+    def _heartbeats(self, interval: int | None, grace_period: int | None,
+                    stale_callback: Callable[[optuna.Study, FrozenTrial], None] | None) -> None:
+        self.heartbeat_interval = interval  # seconds
+        self.grace_period = grace_period  # seconds; None = 2 x the interval, as RDBStorage
+        self.heartbeat_stale_trial_callback = stale_callback
+
+    def _grace(self) -> int:
+        """Seconds a running trial may stay silent before it is stale."""
+        assert self.heartbeat_interval is not None
+        return self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        return self.heartbeat_stale_trial_callback
+
+
 def study_id(study: optuna.Study) -> int:
     """The storage's key of a study (what ``BaseStorage`` methods take)."""
     return study._study_id

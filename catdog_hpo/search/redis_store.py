@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from catdog_hpo.errors import UserError
 from catdog_hpo.search import optuna_compat
-from catdog_hpo.search.optuna_compat import BaseHeartbeat
+from catdog_hpo.search.optuna_compat import Heartbeats
 
 if TYPE_CHECKING:
     import optuna
@@ -63,7 +63,7 @@ def split_url(url: str, shown: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), prefix
 
 
-class RedisStore(JournalStorage, BaseHeartbeat):
+class RedisStore(JournalStorage, Heartbeats):
     """A Redis journal store with a study lock and heartbeats (see the module doc)."""
 
     def __init__(self, url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
@@ -75,9 +75,7 @@ class RedisStore(JournalStorage, BaseHeartbeat):
         self.url = url
         self._beats_key, self._lock_key = f"{prefix}{_BEATS}", f"{prefix}{_LOCK}"
         self._client: tuple[int, redis.Redis] | None = None  # (pid, client): a forked worker opens its own
-        self.heartbeat_interval = heartbeat_interval
-        self.grace_period = grace_period  # seconds; None = 2 x the interval, as RDBStorage
-        self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
+        self._heartbeats(heartbeat_interval, grace_period, heartbeat_stale_trial_callback)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -109,8 +107,7 @@ class RedisStore(JournalStorage, BaseHeartbeat):
         return changed
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        assert self.heartbeat_interval is not None
-        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
+        grace = self._grace()
         running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
         if not running:
             return []
@@ -118,12 +115,6 @@ class RedisStore(JournalStorage, BaseHeartbeat):
         now, _micro = self._redis.time()
         beats = self._redis.hmget(self._beats_key, [str(i) for i in ids])
         return [i for i, beat in zip(ids, beats) if beat is not None and now - int(beat) > grace]
-
-    def get_heartbeat_interval(self) -> int | None:
-        return self.heartbeat_interval
-
-    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
-        return self.heartbeat_stale_trial_callback
 
 
 def open_redis(url: str, shown: str, *, create: bool, heartbeat_interval: int | None = None,
