@@ -101,6 +101,47 @@ def test_warm_start_from_a_study_in_the_same_store(workdir: Path, capsys: pytest
     assert tally(study.trials)[0] == 5 and study.user_attrs[StudyKey.WARM_STARTED_FROM] == [f"src@{url}"]
 
 
+def test_an_interrupted_baseline_or_warm_config_keeps_its_origin_on_retry(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during the baseline, then during a warm-start config: each rerun is still the
+    baseline / the source's config (admission, show, the model card and the summary read it)."""
+    import catdog_hpo.search.worker as worker_mod
+    from catdog_hpo.search.study import baseline_trial
+
+    src = settings(workdir, study="src", trials=3, seed=1)
+    assert run(src) == 0
+    real = worker_mod.run_trial
+    stop_at = {0, 1}  # the first run's first trial (the baseline), the second's (the warm config)
+    calls = {"n": 0}
+
+    def interrupt(trial: optuna.Trial, space: object, overrides: dict, *rest: object) -> float:
+        calls["n"] += 1
+        if calls["n"] - 1 in stop_at:
+            from catdog_hpo.search.spaces import resolve
+
+            resolve(space, trial, overrides)  # its parameters are known, as mid-training
+            raise KeyboardInterrupt
+        return real(trial, space, overrides, *rest)
+
+    monkeypatch.setattr(worker_mod, "run_trial", interrupt)
+    s = settings(workdir, study="dst", trials=3, warm_start=(parse_source("src", src.storage),), warm_start_top=1)
+    assert run(s) == 130
+    assert run(s) == 130
+    monkeypatch.setattr(worker_mod, "run_trial", real)
+    assert run(s) == 0
+    study = load(s)
+    own = [t for t in study.trials if not from_history(t)]
+    failed = [t for t in own if t.state == TrialState.FAIL]
+    assert len(failed) == 2
+    retries = {t.user_attrs[TrialKey.RETRY_OF]: t for t in own if TrialKey.RETRY_OF in t.user_attrs}
+    base, warm = failed
+    assert base.user_attrs[TrialKey.BASELINE] is True and TrialKey.WARM_START_FROM in warm.user_attrs
+    assert retries[base.number].user_attrs[TrialKey.BASELINE] is True
+    assert retries[warm.number].user_attrs[TrialKey.WARM_START_FROM] == warm.user_attrs[TrialKey.WARM_START_FROM]
+    assert all(r.state == TrialState.COMPLETE and r.params == f.params for f in failed for r in [retries[f.number]])
+    assert baseline_trial(study).number == retries[base.number].number  # the attempt that has a value
+
+
 def test_warm_start_from_another_file_and_space(workdir: Path, capsys: pytest.CaptureFixture) -> None:
     # The source: its baseline and one config of channels 16, which the narrow space has not.
     other = f"sqlite:///{workdir}/studies/other.db"

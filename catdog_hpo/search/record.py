@@ -211,11 +211,29 @@ def counts_toward_n(trial: FrozenTrial) -> bool:
             and not from_history(trial))
 
 
+# Where a trial's parameters came from when the sampler did not propose them. A retry carries
+# them over (``retry_attrs``), so an interrupted warm-start config is still one when it reruns.
+ORIGIN_KEYS = (TrialKey.BASELINE, TrialKey.ENQUEUED_FROM, TrialKey.WARM_START_FROM)
+
+
 def asked_by_name(user_attrs: dict[str, Any]) -> bool:
     """A config the user asked for (the baseline, --enqueue, --warm-start), not one the sampler
     proposed: admission only asks it to finish in the budget (search.admission)."""
-    return bool(user_attrs.get(TrialKey.BASELINE) or user_attrs.get(TrialKey.ENQUEUED_FROM)
-                or user_attrs.get(TrialKey.WARM_START_FROM))
+    return any(user_attrs.get(key) for key in ORIGIN_KEYS)
+
+
+def retry_attrs(trial: FrozenTrial) -> dict[str, Any]:
+    """The user attributes of the queued rerun of ``trial`` (interrupted, or its CUDA context
+    lost): which trial it retries, and where the parameters came from (``ORIGIN_KEYS``)."""
+    kept = {key: trial.user_attrs[key] for key in ORIGIN_KEYS if key in trial.user_attrs}
+    return {**kept, TrialKey.RETRY_OF: trial.number}
+
+
+def baseline_of(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    """The space's baseline trial: the latest attempt of the config marked ``TrialKey.BASELINE``
+    (a retry carries the mark, and the interrupted attempt before it says nothing of its value)."""
+    marked = [t for t in trials if t.user_attrs.get(TrialKey.BASELINE)]
+    return max(marked, key=lambda t: t.number) if marked else None
 
 
 def tally(trials: list[FrozenTrial]) -> tuple[int, int, int]:

@@ -78,7 +78,7 @@ def run(settings: RunSettings) -> int:
         progress.close()
         finished, _, _ = count(study)
         print(f"interrupted at {finished}/{target or '-'} finished trials; the running trial was closed and "
-              f"will run first on resume. Resume with the same command.", file=sys.stderr)
+              f"is queued to run again on resume. Resume with the same command.", file=sys.stderr)
         return 130
     finally:
         interrupts.restore(previous)

@@ -31,7 +31,7 @@ from catdog_hpo.search import optuna_compat, warm_start
 from catdog_hpo.search.locks import study_lock
 from catdog_hpo.search.objectives import directions
 from catdog_hpo.search.pruners import MULTI_OBJECTIVE_PRUNERS, PRUNERS
-from catdog_hpo.search.record import SAME_SEARCH, SAMPLER_STREAMS, StudyKey, TrialKey, tally
+from catdog_hpo.search.record import SAME_SEARCH, SAMPLER_STREAMS, StudyKey, TrialKey, baseline_of, tally
 from catdog_hpo.search.samplers import SAMPLERS, SINGLE_OBJECTIVE_SAMPLERS
 from catdog_hpo.search.settings import RunSettings, overrides_of
 from catdog_hpo.search.space_files import base_image_size, check_installed, load_space
@@ -310,10 +310,8 @@ def _warm_sources(settings: RunSettings, storage: BaseStorage) -> list[warm_star
 
 
 def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The study's baseline trial (the space's known-good config, trial 0 unless --no-baseline)."""
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get(TrialKey.BASELINE):
-            return t
-    return None
+    """The study's baseline trial (the space's known-good config, trial 0 unless --no-baseline;
+    its latest attempt when it was retried)."""
+    return baseline_of(study.get_trials(deepcopy=False))
 
 

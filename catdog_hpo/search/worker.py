@@ -29,7 +29,7 @@ from catdog_hpo.search.budget import Guard, Plan, StudyClock, resolve_budget
 from catdog_hpo.search.limits import Limits
 from catdog_hpo.search.pruners import EXPECTED_EPOCHS
 from catdog_hpo.search.flat import flat
-from catdog_hpo.search.record import TrialKey, counts_toward_n, outcome
+from catdog_hpo.search.record import TrialKey, counts_toward_n, outcome, retry_attrs
 from catdog_hpo.search.settings import RunSettings, goal_of, overrides_of
 from catdog_hpo.search.spaces import Space
 from catdog_hpo.search.study import Claim, Opened, claim_trial, open_study
@@ -145,14 +145,15 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, space: Space, overrides: 
         study.tell(trial, state=TrialState.PRUNED)
         return TrialState.PRUNED
     except (KeyboardInterrupt, interrupts.Terminated) as exc:
-        # Not the trial's fault: fail it, and queue its parameters to run first on resume.
+        # Not the trial's fault: fail it, and queue its parameters to run again on resume (after
+        # the configs queued before it: the baseline, --enqueue, --warm-start), origin kept.
         # A second signal must not cut this short and leave the trial RUNNING.
         interrupts.ignore()
         trial.set_user_attr(TrialKey.FAIL_REASON, "interrupted (SIGTERM)" if isinstance(exc, interrupts.Terminated)
                             else "interrupted (Ctrl-C)")
         study.tell(trial, state=TrialState.FAIL)
         if trial.params:
-            study.enqueue_trial(trial.params, user_attrs={TrialKey.RETRY_OF: trial.number})
+            study.enqueue_trial(trial.params, user_attrs=retry_attrs(trial))
         raise
     except TrialFailed as exc:
         _fail(study, trial, str(exc))
@@ -171,7 +172,7 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, space: Space, overrides: 
             # the context twice would kill every fresh worker until the restarts run out.
             queued = bool(trial.params) and TrialKey.RETRY_OF not in trial.user_attrs
             if queued:
-                study.enqueue_trial(trial.params, user_attrs={TrialKey.RETRY_OF: trial.number})
+                study.enqueue_trial(trial.params, user_attrs=retry_attrs(trial))
             raise WorkerRestart(first, queued)
         return TrialState.FAIL
     study.tell(trial, value)

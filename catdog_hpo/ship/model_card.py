@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from catdog_hpo.search.objectives import OBJECTIVES
-from catdog_hpo.search.record import StudyInfo, StudyKey, TrialKey, TrialRecord, finished_complete, outcome
+from catdog_hpo.search.record import StudyInfo, StudyKey, TrialRecord, baseline_of, finished_complete, outcome
 
 CARD_NAME = "MODEL_CARD.md"
 Z95 = 1.959964  # two-sided 95% normal quantile, for the Wilson interval
@@ -80,12 +80,12 @@ def _budget(attrs: dict[str, Any]) -> str | None:
 
 
 def _baseline(trials: list[Any]) -> dict[str, Any] | None:
-    """The space's baseline trial (marked TrialKey.BASELINE by run) and its accuracy, if it completed."""
-    for t in trials:
-        if t.user_attrs.get(TrialKey.BASELINE):
-            done = finished_complete(t)
-            return {"trial": t.number, "state": outcome(t).lower(), "accuracy": t.values[0] if done else None}
-    return None
+    """The space's baseline trial (marked ``TrialKey.BASELINE`` by run; its latest attempt) and its accuracy, if it completed."""
+    t = baseline_of(trials)
+    if t is None:
+        return None
+    done = finished_complete(t)
+    return {"trial": t.number, "state": outcome(t).lower(), "accuracy": t.values[0] if done else None}
 
 
 def _run_command(info: StudyInfo, name: str, storage: str) -> str:
