@@ -91,6 +91,12 @@ def test_warm_start_from_a_study_in_the_same_store(workdir: Path, capsys: pytest
     assert {b["number"] for b in doc["best"]} <= {t.number for t in own}
     assert {b["warm_start_from"] for b in doc["best"] if b["warm_start_from"]} <= {
         t.user_attrs[TrialKey.WARM_START_FROM] for t in warm}
+    # The report's charts draw the study's own trials; the history trained elsewhere.
+    from catdog_hpo.view.report import intermediate_figure, own_study
+
+    drawn = {int(re.match(r"trial (\d+)", trace.hovertemplate).group(1)) for trace in intermediate_figure(own_study(study)).data}
+    assert drawn == {t.number for t in own if t.intermediate_values}
+    assert own_study(source) is source and len(own_study(study).trials) == len(own)
     # A rerun (resume, more trials) applies the source no second time.
     again = settings(workdir, study="dst", trials=5, warm_start=(parse_source("src", url),), warm_start_top=2)
     assert run(again) == 0

@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from catdog_hpo.view.report import write_trials_csv
+    from catdog_hpo.view.trials_csv import write_trials_csv
     from catdog_hpo.view.tables import format_trials, study_header, top_trials
     from catdog_hpo.search.storage import load_study, open_storage
 

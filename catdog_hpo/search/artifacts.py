@@ -15,6 +15,8 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from catdog_hpo.search import optuna_compat
+
 if TYPE_CHECKING:
     import optuna
     from optuna.artifacts import FileSystemArtifactStore
@@ -47,7 +49,7 @@ def remove_study_artifacts(study: optuna.Study, store: Any) -> int:
 
     removed = 0
     for trial in study.get_trials(deepcopy=False):
-        for meta in get_all_artifact_meta(trial, storage=study._storage):
+        for meta in get_all_artifact_meta(trial, storage=optuna_compat.storage_of(study)):
             try:
                 store.remove(meta.artifact_id)
                 removed += 1
@@ -78,12 +80,12 @@ def upload_training_curves(
         svg_path.write_text(curves_svg(history, title=f"Trial {trial.number}"), encoding="utf-8")
         csv_path.write_text(curves_csv(history), encoding="utf-8")
         for path, mimetype in ((svg_path, "image/svg+xml"), (csv_path, "text/csv")):
-            # study._storage: a FrozenTrial does not carry its storage, and Study exposes no public one.
+            # the study's store: a FrozenTrial does not carry its own
             upload_artifact(
                 artifact_store=store,
                 file_path=str(path),
                 study_or_trial=trial,
-                storage=study._storage,
+                storage=optuna_compat.storage_of(study),
                 mimetype=mimetype,
             )
 

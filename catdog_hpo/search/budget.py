@@ -72,7 +72,7 @@ class StudyClock:
 
     def __init__(self, study: optuna.Study, budget_s: float | None) -> None:
         self._study = study
-        self._storage = study._storage
+        self._storage = optuna_compat.storage_of(study)
         self.budget_s = budget_s
         self._key = BUDGET_SESSION_PREFIX + uuid.uuid4().hex[:16]
         self._start = time.time()
@@ -105,7 +105,7 @@ class StudyClock:
 
 def spent_seconds(study: optuna.Study) -> float:
     """The study's time spent so far (for show and the report; no session of its own)."""
-    attrs = study._storage.get_study_system_attrs(optuna_compat.study_id(study))
+    attrs = optuna_compat.storage_of(study).get_study_system_attrs(optuna_compat.study_id(study))
     return union_length([(float(v[0]), float(v[1])) for k, v in attrs.items()
                          if k.startswith(BUDGET_SESSION_PREFIX)])
 
@@ -162,7 +162,7 @@ class Guard:
         from catdog_hpo.engine.cost import Calibration, calibrate
 
         key = CALIBRATION_PREFIX + self.where
-        storage, sid = self.study._storage, optuna_compat.study_id(self.study)
+        storage, sid = optuna_compat.storage_of(self.study), optuna_compat.study_id(self.study)
         stored = dict(storage.get_study_system_attrs(sid).get(key) or {})
         self._nominal = bool(stored.pop("nominal", False))
         if stored and not (measure and self._nominal):

@@ -55,6 +55,11 @@ def study_id(study: optuna.Study) -> int:
     return study._study_id
 
 
+def storage_of(study: optuna.Study) -> BaseStorage:
+    """The store a study reads and writes (Study exposes no public one; a FrozenTrial has none)."""
+    return study._storage
+
+
 def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
     """The storage's key of a trial (unique in the store, unlike ``trial.number``)."""
     return trial._trial_id

@@ -80,7 +80,7 @@ def study_pace(study: optuna.Study, since: float | None = None) -> str:
     trials = study.get_trials(deepcopy=False)
     done = sum(counts_toward_n(t) for t in trials)
     rejected = sum(TrialKey.REJECTED in t.user_attrs for t in trials)
-    attrs = study._storage.get_study_system_attrs(optuna_compat.study_id(study))
+    attrs = optuna_compat.storage_of(study).get_study_system_attrs(optuna_compat.study_id(study))
     sessions = [(float(v[0]), float(v[1])) for k, v in attrs.items() if k.startswith(BUDGET_SESSION_PREFIX)]
     if since is not None:
         sessions.append((since, time.time()))

@@ -1,4 +1,4 @@
-"""Read a study back: a trials CSV and one offline HTML report (the text tables: ``view.tables``).
+"""Read a study back: one offline HTML report (the text tables: ``view.tables``; its CSV: ``view.trials_csv``).
 
 The HTML report is a single file with plotly.js inlined once, so it opens with no network:
 optimization history, intermediate values coloured by trial state, parallel coordinates,
@@ -9,7 +9,6 @@ curves of several studies against trial number and wall time.
 from __future__ import annotations
 
 import html
-import json
 import re
 import warnings
 from collections import Counter
@@ -20,62 +19,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from catdog_hpo.errors import UserError
-from catdog_hpo.search.record import StudyInfo, TrialKey, TrialRecord, finished_complete, outcome
+from catdog_hpo.search.record import StudyInfo, TrialRecord, finished_complete, from_history, outcome
 from catdog_hpo.view.tables import (TOP_N, _fmt_count, _fmt_float, _fmt_value, format_params,
                                     study_header, top_trials)
 
 if TYPE_CHECKING:
     import optuna
-    import pandas as pd
     import plotly.graph_objects as go
     from optuna.storages import BaseStorage
 
 STATE_COLORS = {"COMPLETE": "#1f77b4", "PRUNED": "#ff7f0e", "RUNNING": "#2ca02c", "FAIL": "#d62728"}
 # Fewer completed trials than this and importances are noise: the report shows a note instead.
 MIN_TRIALS_FOR_IMPORTANCE = 5
-# User attrs that get their own column, in this order, in the trials CSV.
-KEY_USER_ATTRS = (TrialKey.N_PARAMS, TrialKey.FLOPS, TrialKey.SEC_PER_EPOCH, TrialKey.EPOCHS_RUN,
-                  TrialKey.BEST_EPOCH, TrialKey.DEVICE, TrialKey.FAIL_REASON, TrialKey.REJECTED)
 
 
 @dataclass(frozen=True)
 class ReportFiles:
     html: Path
     csv: Path
-
-
-# --------------------------------------------------------------------------- studies and trials
-
-
-def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """Every trial, one row each: Optuna's trials_dataframe plus the user attrs flattened.
-
-    Dict attrs (the config) become dotted columns (``user_attrs_config.optim.lr``); list attrs
-    (the history) become JSON text; system attrs (artifact ids) are left out.
-    """
-    import pandas as pd
-
-    base = study.trials_dataframe(attrs=("number", "value", "datetime_start", "datetime_complete",
-                                         "duration", "params", "state"))
-    trials = study.get_trials(deepcopy=False)
-    if not trials:
-        return base
-    base["state"] = base["number"].map({t.number: outcome(t) for t in trials})  # stopped early: PRUNED
-    extra = pd.DataFrame([{"number": t.number, **_flatten_attrs(t.user_attrs)} for t in trials])
-    known = [f"user_attrs_{k}" for k in KEY_USER_ATTRS if f"user_attrs_{k}" in extra.columns]
-    rest = sorted(c for c in extra.columns if c != "number" and c not in known)
-    return base.merge(extra[["number", *known, *rest]], on="number", how="left")
-
-
-def write_trials_csv(study: optuna.Study, path: Path) -> Path:
-    """Write every trial of ``study`` to ``path`` (CSV); returns ``path``."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        trials_frame(study).to_csv(path, index=False)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return path
 
 
 # --------------------------------------------------------------------------- the HTML report
@@ -109,6 +70,8 @@ def write_report(
         html_path.write_text(page, encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot write {html_path}: {exc.strerror or exc}") from None
+    from catdog_hpo.view.trials_csv import write_trials_csv
+
     return ReportFiles(html=html_path, csv=write_trials_csv(study, out / "trials.csv"))
 
 
@@ -117,17 +80,19 @@ def render_report(study: optuna.Study, compare: Sequence[optuna.Study] = ()) -> 
     import optuna.visualization as vis
     from plotly.offline import get_plotlyjs
 
+    summary = ("summary", "Summary", _summary_html(study))
+    own = own_study(study)  # the charts draw this study's trials, not a warm start's history
     if len(study.directions) > 1:  # several objectives: the front, the trade-offs, each objective
         from catdog_hpo.view import pareto
 
-        sections = [("summary", "Summary", _summary_html(study)), *pareto.sections(study, _figure_or_note),
+        sections = [summary, *pareto.sections(own, _figure_or_note),
                     ("intermediate", "Intermediate values (val accuracy per epoch)",
-                     _figure_or_note(lambda: intermediate_figure(study))),
+                     _figure_or_note(lambda: intermediate_figure(own))),
                     ("parallel", "Parallel coordinates (accuracy)", _figure_or_note(
-                        lambda: vis.plot_parallel_coordinate(study, target=lambda t: t.values[0],
+                        lambda: vis.plot_parallel_coordinate(own, target=lambda t: t.values[0],
                                                              target_name="accuracy")))]
     else:
-        sections = _single_objective_sections(study)
+        sections = [summary, *_single_objective_sections(own)]
     if compare:
         studies = [study, *compare]
         sections.append(("compare", "Comparison: best so far",
@@ -143,11 +108,29 @@ def render_report(study: optuna.Study, compare: Sequence[optuna.Study] = ()) -> 
             f"<nav>{nav}</nav>\n{body}\n</body></html>\n")
 
 
+def own_study(study: optuna.Study) -> optuna.Study:
+    """``study`` without its ``--warm-start`` history trials (they trained in another study), for
+    the charts Optuna draws from every trial it holds (trial numbers kept); ``study`` itself when
+    it has none."""
+    import optuna
+
+    from catdog_hpo.search.optuna_compat import storage_of
+
+    if not any(from_history(t) for t in study.get_trials(deepcopy=False)):
+        return study
+
+    class OwnTrials(optuna.Study):
+        def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[optuna.trial.FrozenTrial]:
+            return [t for t in super().get_trials(deepcopy=deepcopy, states=states) if not from_history(t)]
+
+    return OwnTrials(study_name=study.study_name, storage=storage_of(study))
+
+
 def _single_objective_sections(study: optuna.Study) -> list[tuple[str, str, str]]:
+    """The chart sections of a one-objective study (after its summary)."""
     import optuna.visualization as vis
 
     return [
-        ("summary", "Summary", _summary_html(study)),
         ("history", "Optimization history", _figure_or_note(lambda: vis.plot_optimization_history(study))),
         ("intermediate", "Intermediate values (val accuracy per epoch)",
          _figure_or_note(lambda: intermediate_figure(study))),
@@ -305,17 +288,6 @@ def _top_table_html(study: optuna.Study) -> str:
 
 def _note(text: str) -> str:
     return f'<p class="note">{html.escape(text)}</p>'
-
-
-def _flatten_attrs(attrs: dict[str, Any], prefix: str = "user_attrs_") -> dict[str, Any]:
-    """Nested dicts -> dotted keys (pandas.json_normalize); lists -> JSON text; ``prefix`` on each."""
-    import pandas as pd
-
-    if not attrs:
-        return {}
-    flat = pd.json_normalize(attrs, sep=".").to_dict(orient="records")[0]  # one row: native types
-    return {f"{prefix}{key}": json.dumps(value) if isinstance(value, (list, tuple)) else value
-            for key, value in flat.items()}
 
 
 def _safe_name(name: str) -> str:
