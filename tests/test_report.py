@@ -171,3 +171,19 @@ def test_default_out_folder(store, tmp_path: Path, monkeypatch, capsys) -> None:
     assert (tmp_path / "studies" / "reports" / "grid" / "report.html").is_file()
     assert (tmp_path / "studies" / "reports" / "grid" / "trials.csv").is_file()
     assert "studies/reports/grid/report.html" in capsys.readouterr().out
+
+
+def test_flops_shown_are_the_shipped_models() -> None:
+    """A TTA trial's model as shipped runs the network twice: the top table and ``show --json``
+    give that figure (``inference_flops``), and a trial recorded before the key, its one forward."""
+    from catdog_hpo.view.json_out import trial_document
+
+    study = optuna.create_study(direction="maximize")
+    dist = {"optim.lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+    for value, attrs in ((0.9, {"flops": 1_000, "inference_flops": 2_000}), (0.8, {"flops": 7_000})):
+        study.add_trial(optuna.trial.create_trial(value=value, params={"optim.lr": 1e-3}, distributions=dist,
+                                                  user_attrs={"n_params": 10, **attrs}))
+    table = sections(render_report(study))["top-trials"]
+    assert re.findall(r"<tr><td>\d+</td><td>[\d.]+</td><td>10</td><td>([^<]+)</td>", table) == ["2k", "7k"]
+    docs = [trial_document(t) for t in study.trials]
+    assert [(d["flops"], d["inference_flops"]) for d in docs] == [(1_000, 2_000), (7_000, 7_000)]

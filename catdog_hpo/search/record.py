@@ -178,6 +178,12 @@ class TrialRecord:
         """Why the trial did not complete ("" when nothing was recorded)."""
         return self.fail_reason or self.rejected or ""
 
+    @property
+    def shipped_flops(self) -> int | None:
+        """FLOPs per image of the model as shipped (both forwards with augment.tta); a trial from
+        before ``inference_flops`` was recorded has only the one forward's."""
+        return self.inference_flops if self.inference_flops is not None else self.flops
+
 
 OUTCOMES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")  # what show/report/cards count
 

@@ -56,7 +56,8 @@ def trial_document(trial: FrozenTrial) -> dict[str, Any]:
         "best_epoch": rec.best_epoch,
         "sec_per_epoch": rec.sec_per_epoch,
         "n_params": rec.n_params,
-        "flops": rec.flops,
+        "flops": rec.flops,  # one forward of the network per image
+        "inference_flops": rec.shipped_flops,  # the model as shipped: both forwards with augment.tta
         "device": rec.device,
         "why": rec.why or None,
         "warm_start_from": rec.warm_start_from,
