@@ -198,6 +198,10 @@ def test_the_inference_costs_count_both_forwards_of_tta_and_training_one() -> No
         check_cost(tta, 2, Limits(max_flops=one))
     train = [workload(cfg, costs[cfg.augment.tta][TrialKey.FLOPS], 1, 2, 64, 16) for cfg in (plain, tta)]
     assert [(w.flops, w.val_passes) for w in train] == [(one, 1), (one, 2)]  # training: one forward either way
+    from catdog_hpo.engine.tta import describe_flops  # retrain's and train's "model:" line
+
+    assert describe_flops(plain, one) == f"{one / 1e6:,.1f} MFLOPs/image"
+    assert describe_flops(tta, one) == f"{2 * one / 1e6:,.1f} MFLOPs/image (2 forwards of {one / 1e6:,.1f}: augment.tta)"
 
     goal = Goal(objectives=("accuracy", "flops", "latency"))
     for cfg in (plain, tta):

@@ -34,6 +34,14 @@ def inference_flops(cfg: TrialConfig, flops: int) -> int:
     return flops * forwards_per_image(cfg)
 
 
+def describe_flops(cfg: TrialConfig, flops: int) -> str:
+    """FLOPs per image of the model as shipped, for a log line: "2.5 MFLOPs/image", with the
+    forwards named when TTA runs the network more than once."""
+    forwards = forwards_per_image(cfg)
+    shown = f"{inference_flops(cfg, flops) / 1e6:,.1f} MFLOPs/image"  # 1e6: FLOPs -> MFLOPs
+    return shown if forwards == 1 else f"{shown} ({forwards} forwards of {flops / 1e6:,.1f}: augment.tta)"
+
+
 def tta_forward(forward: Callable[[torch.Tensor], torch.Tensor], tta: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """``forward`` flip-averaged when ``tta``, else ``forward`` itself."""
     return (lambda x: flip_average(forward, x)) if tta else forward

@@ -31,7 +31,7 @@ from torch import nn
 from catdog_hpo.config import TrialConfig, load_trial_config, read_mapping, with_train_overrides, write_mapping
 from catdog_hpo.data import DataSource, ImageSet, load_images
 from catdog_hpo.data.testset import load_test_set
-from catdog_hpo.engine.tta import with_tta
+from catdog_hpo.engine.tta import describe_flops, with_tta
 from catdog_hpo.errors import UserError
 from catdog_hpo.ship.checkpoint import bare_model
 from catdog_hpo.ship.formats import ExportResult, export_all
@@ -238,7 +238,7 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> Re
             f"{str(info.fingerprint)[:12]}): files, split or size changed since the search")
     if test is not None and test[2]:
         log(f"note: --test: skipped {len(test[2])} files that could not be decoded: {', '.join(test[2][:5])}")
-    log(f"model: {cfg.model.family}, {cost.params:,} parameters, {cost.flops / 1e6:,.1f} MFLOPs/image; "
+    log(f"model: {cfg.model.family}, {cost.params:,} parameters, {describe_flops(cfg, cost.flops)}; "
         f"device: {device}; " + ("no training: the search's own weights (--no-train)" if settings.no_train else
                                  f"training on {settings.train_on} for {plural(cfg.train.epochs, 'epoch')}, "
                                  f"{plural(settings.seeds, 'seed')}"))

@@ -46,6 +46,7 @@ def train_one(settings: TrainSettings, log: Callable[[str], None] = print) -> Tr
     from catdog_hpo.engine.models import check_model, model_cost
     from catdog_hpo.engine.runtime import configure_process
     from catdog_hpo.engine.train import fit
+    from catdog_hpo.engine.tta import describe_flops
     from catdog_hpo.ship.checkpoint import save_checkpoint
 
     cfg = with_train_overrides(load_trial_config(settings.config), epochs=settings.epochs, seed=settings.seed)
@@ -60,7 +61,7 @@ def train_one(settings: TrainSettings, log: Callable[[str], None] = print) -> Tr
     cost = model_cost(cfg.model, len(data.classes), data.image_size)
     log(f"data: {source.describe()} ({len(data.train_y)} train / {len(data.val_y)} val images; "
         f"classes {', '.join(data.classes)}; {data.image_size} px)")
-    log(f"model: {cfg.model.family}, {cost.params:,} parameters, {cost.flops / 1e6:,.1f} MFLOPs/image; "
+    log(f"model: {cfg.model.family}, {cost.params:,} parameters, {describe_flops(cfg, cost.flops)}; "
         f"device: {device}")
     log(epoch_table.HEAD)
     result = fit(cfg, data, device, on_epoch_end=lambda s: log(epoch_table.row(s)), progress=settings.progress,
