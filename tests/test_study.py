@@ -114,6 +114,27 @@ def test_pruner_prunes_poor_trials(workdir: Path) -> None:
     assert good and max(t.value for t in good) > 0.7
 
 
+def test_configs_asked_by_name_run_all_their_epochs(workdir: Path) -> None:
+    """SHA keeps the best of each rung, so a config asked for by name that starts slowly (here
+    one that learns nothing) would be cut at its first rung; it runs all its epochs instead, its
+    reports still on the rung, while the sampler's configs like it are pruned."""
+    space = {**TINY, "base": {**TINY["base"], "image_size": 32, "augment": {"crop": "none"},
+                              "train": {"epochs": 4, "batch_size": 64}},
+             "blocks": {"depth": 2, "channels": 16}, "params": {"optim.lr": {"choices": [1e-2, 2e-2, 1e-6]}}}
+    (workdir / "prune.yaml").write_text(yaml.safe_dump(space))
+    asked = ({"optim.lr": 2e-2}, {"optim.lr": 1e-6})  # a good config first: the bar for the second
+    s = settings(workdir, space=str(workdir / "prune.yaml"), pruner="sha", trials=10, seed=1,
+                 enqueue=asked, enqueue_from="asked.yaml")
+    assert run(s) == 0
+    study = load(s)
+    slow = study.trials[1]
+    assert slow.params == {"optim.lr": 1e-6} and slow.user_attrs["enqueued_from"] == "asked.yaml"
+    assert slow.state == TrialState.COMPLETE and slow.user_attrs["epochs_run"] == 4
+    assert "completed_rung_0" in slow.system_attrs  # the pruner saw it
+    proposed = [t for t in study.trials[2:] if t.params["optim.lr"] == 1e-6]
+    assert proposed and all(t.state == TrialState.PRUNED for t in proposed)
+
+
 def test_cost_guard_turns_configs_away_before_training(workdir: Path) -> None:
     s = settings(workdir, trials=3, limits=Limits(max_params=100))
     assert run(s) == 1  # nothing completed

@@ -19,7 +19,7 @@ from catdog_hpo.config import TrialConfig, check_optim, to_dict
 from catdog_hpo.data.provider import ImageProvider
 from catdog_hpo.errors import ConfigError
 from catdog_hpo.search.limits import Limits, check_cost
-from catdog_hpo.search.record import TrialKey
+from catdog_hpo.search.record import TrialKey, asked_by_name
 from catdog_hpo.search.spaces import Space, resolve
 
 if TYPE_CHECKING:
@@ -110,6 +110,11 @@ def run_trial(
     costs = _costs(trial, cfg, num_classes, cost, images.device, goal)
     data = images.get(cfg.image_size)
     history: list[dict[str, float]] = []
+    # A config the user asked for by name (the baseline, --enqueue, --warm-start's best) runs all
+    # its epochs: the pruner judges early accuracy, and a known-good config starts no faster than
+    # the rest (SHA's first rung is epoch 1). The pruner still sees its reports; --budget still
+    # stops it.
+    pruned_ok = not asked_by_name(trial.user_attrs)
 
     def on_epoch_end(stats: EpochStats) -> None:
         history.append(asdict(stats))
@@ -117,12 +122,14 @@ def run_trial(
         # below), and the signal stops the trial only once the epoch is saved too.
         with interrupts.deferred():
             if goal.multi:
-                prune = _multi_objective_step(trial, goal, costs, stats.epoch, stats.val_acc, cfg.train.epochs)
+                prune = _multi_objective_step(trial, goal, costs, stats.epoch, stats.val_acc, cfg.train.epochs,
+                                              pruned_ok)
             else:
                 trial.report(stats.val_acc, stats.epoch)
                 # A rung at the last epoch decides nothing: its epochs are paid for, and a
                 # trial pruned there could never be exported (SHA's rungs 2, 6 of 6 epochs).
                 prune = stats.epoch < cfg.train.epochs and trial.should_prune()
+                prune = prune and pruned_ok  # asked, never pruned (should_prune ran: SHA records its rungs)
             if not prune and guard is not None and stats.epoch < cfg.train.epochs and guard.overrun():
                 trial.set_user_attr(TrialKey.BUDGET_STOP, f"budget spent after epoch {stats.epoch}")
                 prune = True
@@ -200,13 +207,14 @@ def _costs(trial: optuna.Trial, cfg: TrialConfig, num_classes: int, cost: dict[s
 
 
 def _multi_objective_step(trial: optuna.Trial, goal: Goal, costs: dict[str, float], epoch: int,
-                          val_acc: float, last_epoch: int) -> bool:
-    """Record the epoch's accuracy and apply the Pareto rule (catdog_hpo.search.pareto).
+                          val_acc: float, last_epoch: int, pruned_ok: bool) -> bool:
+    """Record the epoch's accuracy and apply the Pareto rule (catdog_hpo.search.pareto), unless
+    not ``pruned_ok`` (a config asked for by name).
 
     Trial.report refuses multi-objective studies, so the value goes to the storage directly:
     the same record, and the dashboard and report draw it the same way."""
     trial.storage.set_trial_intermediate_value(optuna_compat.trial_id(trial), epoch, val_acc)
-    if goal.rule is None:
+    if goal.rule is None or not pruned_ok:
         return False
     from catdog_hpo.search.pareto import decide_for_trial
 
