@@ -50,7 +50,12 @@ if os.environ.get("CATDOG_TEST_PAUSE"):
             with open(marker + ".tmp", "w") as fh:
                 fh.write(str(os.getpid()))
             os.replace(marker + ".tmp", marker)
-            time.sleep(120)  # in training: a signal lands here, after the save of that epoch
+            # The save is part of the epoch's end, where search.interrupts holds a signal until
+            # the end is done: wait (up to 120 s) until one arrives, then let the end finish.
+            from catdog_hpo.search import interrupts
+            deadline = time.time() + 120
+            while interrupts._state["pending"] is None and time.time() < deadline:
+                time.sleep(0.02)
         return ok
 
     resume.save = save
