@@ -34,12 +34,18 @@ def inference_flops(cfg: TrialConfig, flops: int) -> int:
     return flops * forwards_per_image(cfg)
 
 
+def forwards_note(cfg: TrialConfig, one_forward: str) -> str:
+    """" (2 forwards of ONE_FORWARD: augment.tta)" when the model as shipped runs the network more
+    than once, else "": what a figure of the shipped model's FLOPs says of how it is made up."""
+    forwards = forwards_per_image(cfg)
+    return f" ({forwards} forwards of {one_forward}: augment.tta)" if forwards > 1 else ""
+
+
 def describe_flops(cfg: TrialConfig, flops: int) -> str:
     """FLOPs per image of the model as shipped, for a log line: "2.5 MFLOPs/image", with the
     forwards named when TTA runs the network more than once."""
-    forwards = forwards_per_image(cfg)
-    shown = f"{inference_flops(cfg, flops) / 1e6:,.1f} MFLOPs/image"  # 1e6: FLOPs -> MFLOPs
-    return shown if forwards == 1 else f"{shown} ({forwards} forwards of {flops / 1e6:,.1f}: augment.tta)"
+    shipped = inference_flops(cfg, flops) / 1e6  # FLOPs -> MFLOPs
+    return f"{shipped:,.1f} MFLOPs/image" + forwards_note(cfg, f"{flops / 1e6:,.1f}")
 
 
 def tta_forward(forward: Callable[[torch.Tensor], torch.Tensor], tta: bool) -> Callable[[torch.Tensor], torch.Tensor]:

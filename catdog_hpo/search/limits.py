@@ -30,14 +30,13 @@ def check_cost(cfg: TrialConfig, num_classes: int, limits: Limits) -> dict[str, 
     """Params, FLOPs (one forward of the network) and inference FLOPs (the model as shipped) of
     ``cfg``; ConfigError with the reason if it cannot be built or is over the limits."""
     from catdog_hpo.engine.models import model_cost
-    from catdog_hpo.engine.tta import forwards_per_image, inference_flops
+    from catdog_hpo.engine.tta import forwards_note, inference_flops
 
     cost = model_cost(cfg.model, num_classes, cfg.image_size)  # raises ConfigError if infeasible
     shipped = inference_flops(cfg, cost.flops)  # what --max-flops limits: a TTA model runs the network twice
     if limits.max_params is not None and cost.params > limits.max_params:
         raise ConfigError(f"{cost.params:,} parameters > --max-params {limits.max_params:,}")
     if limits.max_flops is not None and shipped > limits.max_flops:
-        forwards = forwards_per_image(cfg)
-        how = f" ({forwards} forwards of {cost.flops:,}: augment.tta)" if forwards > 1 else ""
+        how = forwards_note(cfg, f"{cost.flops:,}")
         raise ConfigError(f"{shipped:,} FLOPs per image{how} > --max-flops {limits.max_flops:,}")
     return {TrialKey.N_PARAMS: cost.params, TrialKey.FLOPS: cost.flops, TrialKey.INFERENCE_FLOPS: shipped}

@@ -22,6 +22,7 @@ from catdog_hpo.errors import UserError
 from catdog_hpo.search.record import StudyInfo, TrialRecord, finished_complete, from_history, outcome
 from catdog_hpo.view.tables import (TOP_N, _fmt_count, _fmt_float, _fmt_value, format_params,
                                     study_header, top_trials)
+from catdog_hpo.view.trials_csv import write_trials_csv
 
 if TYPE_CHECKING:
     import optuna
@@ -70,8 +71,6 @@ def write_report(
         html_path.write_text(page, encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot write {html_path}: {exc.strerror or exc}") from None
-    from catdog_hpo.view.trials_csv import write_trials_csv
-
     return ReportFiles(html=html_path, csv=write_trials_csv(study, out / "trials.csv"))
 
 
